@@ -1,0 +1,114 @@
+"""Checkpoints: one safetensors file holding the weights, the JSON config, a format version
+and a content hash. safetensors stores raw tensors and a JSON header only, so loading a file
+can never execute code (unlike pickled .pt files)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .model import ModelConfig, VStainModel
+
+FORMAT_NAME = "napari-vstain"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def content_hash(state: dict) -> str:
+    """sha256 over the tensor names, dtypes, shapes and bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
+    """Call write(temporary_path), then rename it onto `path`: never a half-written file.
+    Refuses to replace an existing file unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; choose another name or allow "
+                              "overwriting (--overwrite).")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_model(model: VStainModel, path, extra: Optional[dict] = None,
+               overwrite: bool = False) -> str:
+    """Write the model's weights and config; returns the content hash."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    digest = content_hash(state)
+    metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION),
+                "config": json.dumps(model.config.to_dict()), "content_hash": digest,
+                "extra": json.dumps(extra or {})}
+    atomic_write(Path(path), lambda tmp: save_file(state, str(tmp), metadata=metadata), overwrite)
+    return digest
+
+
+def read_checkpoint(path) -> tuple[dict, dict]:
+    """(metadata, state dict) of a napari-vstain checkpoint, checked; CheckpointError if not."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"No checkpoint file at {path}.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            state = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise CheckpointError(
+            f"{path} is not a readable safetensors checkpoint ({exc}). It may be truncated or "
+            "of another format; napari-vstain checkpoints end in .safetensors. Authors' .pt "
+            "files must be converted with `vstain import-weights` first.") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is a safetensors file but not a napari-vstain checkpoint "
+                              "(no napari-vstain format tag in its header).")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has checkpoint format {version}; this napari-vstain "
+                              f"reads up to {FORMAT_VERSION}. Update napari-vstain.")
+    digest = content_hash(state)
+    if digest != metadata.get("content_hash"):
+        raise CheckpointError(f"{path} is damaged: its weights do not match the content hash "
+                              "recorded when it was saved.")
+    return metadata, state
+
+
+def load_model(path, device="cpu") -> VStainModel:
+    """Build the model from the checkpoint's config and load its weights (strictly)."""
+    metadata, state = read_checkpoint(path)
+    try:
+        config = ModelConfig.from_dict(json.loads(metadata["config"]))
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path} has an unusable model config: {exc}") from None
+    model = VStainModel(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path} does not match its own config: missing weights {sorted(missing)[:5]}, "
+            f"unexpected weights {sorted(unexpected)[:5]}.")
+    model.content_hash = metadata["content_hash"]
+    model.extra = json.loads(metadata.get("extra", "{}"))
+    return model.to(device).eval()

@@ -1,0 +1,135 @@
+"""Staining with N averaged samples: settings shared by the CLI, the widgets and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .model import VStainModel, af_statistics, model_to_rgb, normalise_af, sample_generator
+from .samplers import SAMPLERS, coefficient_of_variation, network_calls, run_sampler
+
+
+@dataclass
+class StainSettings:
+    """How to sample. Defaults: the fast deterministic sampler, 10 steps, 4 averaged samples."""
+
+    sampler: str = "fast"
+    steps: Optional[int] = 10  # None: all T steps (vanilla, mean, skip)
+    t_exit: int = 50
+    eta: float = 0.0
+    samples: int = 4
+    seed: int = 0
+
+    def validate(self, num_steps: int) -> "StainSettings":
+        """Refuse bad settings with a sentence that says what to change."""
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of "
+                             f"{', '.join(SAMPLERS)}.")
+        if self.steps is not None and not 1 <= self.steps <= num_steps:
+            raise ValueError(f"--steps must be between 1 and the model's T = {num_steps}; "
+                             f"got {self.steps}.")
+        if not 0 <= self.t_exit <= num_steps:
+            raise ValueError(f"--t-exit must be between 0 and T = {num_steps}; got {self.t_exit}.")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"--eta must be between 0 and 1; got {self.eta}.")
+        if self.samples < 1:
+            raise ValueError(f"--samples must be at least 1; got {self.samples}.")
+        return self
+
+    def calls_per_sample(self, num_steps: int) -> int:
+        return network_calls(self.sampler, num_steps, self.steps, self.t_exit)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
+                  callback=None, batch_size: Optional[int] = None,
+                  sample_indices: Optional[list] = None, noise_factory=None) -> torch.Tensor:
+    """N samples for one normalised AF tile (1, C, h, w): returns (N, 3, k h, k w) in [-1, 1].
+
+    Samples go through the network in batches of `batch_size` (default: all N at once).
+    Sample i always draws its noise from (seed, i), so batching does not change the result.
+    `noise_factory(sample_indices) -> noise source` overrides the noise (tiling uses it).
+    """
+    cfg = model.config
+    settings.validate(cfg.num_steps)
+    indices = list(range(settings.samples)) if sample_indices is None else list(sample_indices)
+    batch_size = len(indices) if batch_size is None else max(1, int(batch_size))
+    calls = settings.calls_per_sample(cfg.num_steps)
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    outputs = []
+    with torch.no_grad():
+        y_one = model.condition(af)
+        for chunk_number, chunk in enumerate(chunks):
+            y = y_one.expand(len(chunk), *y_one.shape[1:])
+            af_batch = af.expand(len(chunk), *af.shape[1:])
+            noise = (noise_factory(chunk) if noise_factory is not None
+                     else _per_sample_noise(settings.seed, chunk))
+            offset = chunk_number * calls
+
+            def progress(done, _total, offset=offset):
+                return None if callback is None else callback(offset + done,
+                                                              calls * len(chunks))
+
+            outputs.append(run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
+                                       model.schedule, steps=settings.steps,
+                                       t_exit=settings.t_exit, eta=settings.eta, noise=noise,
+                                       callback=progress))
+    return torch.cat(outputs)
+
+
+def _per_sample_noise(seed: int, indices: list):
+    generators = {}
+
+    def draw(_call_index, like):
+        parts = []
+        for row, i in enumerate(indices):
+            gen = generators.setdefault(i, sample_generator(seed, i))
+            parts.append(torch.randn(like.shape[1:], generator=gen))
+        return torch.stack(parts).to(device=like.device, dtype=like.dtype)
+
+    return draw
+
+
+@dataclass
+class StainResult:
+    """Stained image (H, W, 3) uint8 (mean of N), CV map (H, W) float32, optional samples."""
+
+    rgb: np.ndarray
+    cv: np.ndarray
+    samples: Optional[np.ndarray]  # (N, H, W, 3) uint8
+    settings: StainSettings
+
+
+def summarise_samples(samples: torch.Tensor, settings: StainSettings,
+                      keep_samples: bool = False) -> StainResult:
+    """Average N samples (N, 3, H, W) in [-1, 1] and compute the per-pixel CV map."""
+    mean = samples.mean(dim=0)
+    cv = coefficient_of_variation(samples).cpu().numpy().astype(np.float32)
+    kept = (np.stack([model_to_rgb(s) for s in samples]) if keep_samples else None)
+    return StainResult(model_to_rgb(mean), cv, kept, settings)
+
+
+def stain_image(model: VStainModel, af: np.ndarray, settings: StainSettings,
+                callback=None, keep_samples: bool = False, device="cpu") -> StainResult:
+    """Stain a whole AF image (C, h, w) in one piece (no tiling): normalise it by its own
+    statistics, draw N samples and summarise them."""
+    cfg = model.config
+    if af.ndim != 3 or af.shape[0] != cfg.af_channels:
+        raise ValueError(f"The model expects an AF image of shape ({cfg.af_channels}, Y, X); "
+                         f"got {af.shape}.")
+    m = cfg.af_size_multiple
+    h, w = af.shape[1:]
+    pad_h, pad_w = (-h) % m, (-w) % m
+    norm = normalise_af(af, af_statistics(af, cfg))
+    if pad_h or pad_w:  # reflect-pad to the U-Net's size multiple, crop afterwards
+        norm = np.pad(norm, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
+    tensor = torch.from_numpy(np.ascontiguousarray(norm))[None].to(device)
+    samples = stain_samples(model, tensor, settings, callback)
+    samples = samples[..., : h * cfg.factor, : w * cfg.factor]
+    return summarise_samples(samples, settings, keep_samples)
