@@ -112,3 +112,12 @@ def load_model(path, device="cpu") -> VStainModel:
     model.content_hash = metadata["content_hash"]
     model.extra = json.loads(metadata.get("extra", "{}"))
     return model.to(device).eval()
+
+
+def default_checkpoint() -> Path:
+    """The demo model shipped inside the package (the CLI's and the widgets' default)."""
+    path = Path(__file__).resolve().parent.parent / "models" / "demo.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"The shipped demo model is missing ({path}); reinstall "
+                              "napari-vstain or pass --checkpoint.")
+    return path

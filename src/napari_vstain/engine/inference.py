@@ -133,3 +133,16 @@ def stain_image(model: VStainModel, af: np.ndarray, settings: StainSettings,
     samples = stain_samples(model, tensor, settings, callback)
     samples = samples[..., : h * cfg.factor, : w * cfg.factor]
     return summarise_samples(samples, settings, keep_samples)
+
+
+def provenance(model: VStainModel, settings: StainSettings, **extra) -> dict:
+    """What made an image: recorded in written files and in napari layer metadata."""
+    from .. import __version__
+
+    record = {"software": "napari-vstain", "version": __version__,
+              "checkpoint_hash": getattr(model, "content_hash", None),
+              "factor": model.config.factor, "num_steps": model.config.num_steps,
+              "network_calls_per_sample": settings.calls_per_sample(model.config.num_steps),
+              **settings.to_dict()}
+    record.update(extra)
+    return record
