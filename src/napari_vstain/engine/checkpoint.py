@@ -45,6 +45,9 @@ def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -104,7 +107,11 @@ def load_model(path, device="cpu") -> VStainModel:
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{path} has an unusable model config: {exc}") from None
     model = VStainModel(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{path} does not match its own config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match its own config: missing weights {sorted(missing)[:5]}, "

@@ -11,14 +11,14 @@ from torch import nn
 
 class DimensionMatchingCNN(nn.Module):
     def __init__(self, in_channels: int = 4, factor: int = 4, width: int = 64,
-                 hidden: int = 320, out_channels: int = 3):
+                 hidden: int = 320, out_channels: int = 3, negative_slope: float = 0.2):
         super().__init__()
         if not 1 <= factor <= 8:
             raise ValueError(f"The super-resolution factor must be 1..8, got {factor}.")
         self.factor = factor
         self.layers = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_channels, width, 3, padding=1), nn.LeakyReLU(negative_slope),
+            nn.Conv2d(width, width, 3, padding=1), nn.LeakyReLU(negative_slope),
             nn.Conv2d(width, hidden, 3, padding=1),
             nn.Conv2d(hidden, width * factor * factor, 3, padding=1),
             nn.PixelShuffle(factor),

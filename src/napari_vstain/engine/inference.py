@@ -32,7 +32,7 @@ class StainSettings:
         if self.steps is not None and not 1 <= self.steps <= num_steps:
             raise ValueError(f"--steps must be between 1 and the model's T = {num_steps}; "
                              f"got {self.steps}.")
-        if not 0 <= self.t_exit <= num_steps:
+        if self.sampler in ("mean", "skip") and not 0 <= self.t_exit <= num_steps:
             raise ValueError(f"--t-exit must be between 0 and T = {num_steps}; got {self.t_exit}.")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"--eta must be between 0 and 1; got {self.eta}.")

@@ -19,7 +19,8 @@ from .bridge import LOSSES, OBJECTIVES, BridgeSchedule
 from .dimension_cnn import DimensionMatchingCNN
 from .unet import UNet, UNetConfig
 
-AF_NORMALISATIONS = ("percentile", "zscore")
+# "zscore": per channel; "zscore_joint": one mean and std over all channels (authors' code).
+AF_NORMALISATIONS = ("percentile", "zscore", "zscore_joint")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class ModelConfig:
     factor: int = 4  # super-resolution factor k
     cnn_width: int = 64
     cnn_hidden: int = 320
+    cnn_negative_slope: float = 0.2  # LeakyReLU slope in the CNN (authors' weights: 0.01)
     unet: UNetConfig = field(default_factory=UNetConfig)
     # Also give the U-Net the (bilinearly upsampled) AF itself, not only the CNN's 3 channels.
     unet_sees_af: bool = False
@@ -97,13 +99,17 @@ class ModelConfig:
 # ---- AF normalisation (per image, so every tile of one image is normalised alike) -------------
 
 def af_statistics(af: np.ndarray, config: ModelConfig) -> dict:
-    """Per-channel normalisation statistics of one whole AF image (C, h, w)."""
+    """Normalisation statistics of one whole AF image (C, h, w), one entry per channel."""
     data = np.asarray(af, dtype=np.float32).reshape(af.shape[0], -1)
     if data.shape[1] > 4_000_000:  # a strided subsample is plenty for percentiles
         data = data[:, :: data.shape[1] // 4_000_000 + 1]
     if config.af_normalisation == "percentile":
         lo, hi = np.percentile(data, config.af_percentiles, axis=1)
         return {"low": lo.tolist(), "high": hi.tolist()}
+    if config.af_normalisation == "zscore_joint":
+        channels = data.shape[0]
+        mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
+        return {"mean": [mean] * channels, "std": [std] * channels}
     return {"mean": data.mean(axis=1).tolist(), "std": data.std(axis=1).tolist()}
 
 
@@ -143,7 +149,8 @@ class VStainModel(nn.Module):
         super().__init__()
         self.config = config
         self.cnn = DimensionMatchingCNN(config.af_channels, config.factor, config.cnn_width,
-                                        config.cnn_hidden)
+                                        config.cnn_hidden,
+                                        negative_slope=config.cnn_negative_slope)
         self.unet = UNet(config.unet)
         self.schedule = config.schedule
 

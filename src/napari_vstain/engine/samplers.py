@@ -74,8 +74,9 @@ def _walk(denoise: Denoiser, y, schedule: BridgeSchedule, grid: list[int], eta: 
     for call, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         x0_hat = denoise(x, t)
         _report(callback, call + 1, total)
-        # The first step from T always needs its noise draw, even when eta = 0.
-        wants_noise = t == schedule.num_steps or (eta > 0 and t >= noise_until)
+        # The first step from T always needs its noise draw, even when eta = 0; the last
+        # step (to s = 0) has none.
+        wants_noise = s > 0 and (t == schedule.num_steps or (eta > 0 and t >= noise_until))
         z = draw(call, x) if wants_noise else None
         x = schedule.step(x, y, x0_hat, t, s, eta, z)
     if exit_at is not None:

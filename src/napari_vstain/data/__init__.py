@@ -1,0 +1,2 @@
+"""Data for napari-vstain: image readers and writers, simulated paired tissue, registration
+and training patches."""

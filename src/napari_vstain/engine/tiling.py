@@ -1,0 +1,558 @@
+"""Tiled inference: stain AF images of any size with bounded memory and no seams.
+
+How the result is kept independent of where tile borders fall:
+- Tiles have the model's training size (GroupNorm statistics depend on the tile size) and
+  overlap (default 25 %); overlapping predictions are blended with a Gaussian window
+  (sigma = 0.125 x tile), and the weights are normalised per pixel.
+- The AF image is normalised once, by statistics of the whole image (`af_statistics`), and
+  each tile is normalised with them (`normalise_af`), so tiles share one intensity scale.
+- Every sample uses ONE global noise field per network call. The field is defined block by
+  block (NOISE_BLOCK x NOISE_BLOCK target pixels, each drawn from its own seed derived from
+  (seed, sample index, call index, block row, block column)), so the crop that any tile needs
+  is produced without materialising the whole field, and overlapping tiles see the same noise.
+
+Memory stays bounded whatever the image size: tiles are processed one tile row at a time and
+the blended sums are kept only for the rows the current tile row touches (a band of one tile
+height). Finished rows are handed to the output as soon as no later tile can touch them; an
+`OmeTiffWriter` streams them into tiled OME-TIFFs on disk. The CV map is blended through its
+moments (per-pixel means and mean squares of the sample intensities) and computed per band.
+
+Tiles x samples go through the network in batches sized to the device; on a CUDA
+out-of-memory error the batch is halved and the run goes on.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import numpy as np
+
+from .inference import StainResult, StainSettings
+from .model import af_statistics, model_to_rgb, normalise_af
+
+NOISE_BLOCK = 64  # side (target pixels) of the independently seeded blocks of the noise field
+DEFAULT_OVERLAP = 0.25
+MAX_OVERLAP = 0.75
+CV_EPS = 1e-6  # as in samplers.coefficient_of_variation
+# Target pixels per network batch on CPUs (beyond this, bigger batches gain nothing there).
+CPU_BATCH_PIXELS = 2**17
+# Bytes of activations per target pixel and base channel of the U-Net, at float32 (a
+# conservative estimate for inference; the OOM fallback halves the batch if it is too small).
+ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 96
+
+
+# ---- tile geometry ---------------------------------------------------------------------------
+
+def tile_unit(config) -> int:
+    """Tile sides (target pixels) must be multiples of this: the factor k times the AF size
+    multiple the U-Net's depth needs."""
+    return config.factor * config.af_size_multiple
+
+
+def minimum_tile(config) -> int:
+    """The smallest tile (target pixels): the training crop, rounded up to a valid size.
+    Smaller tiles would change the network's normalisation statistics."""
+    unit = tile_unit(config)
+    return max(unit, -(-config.train_crop // unit) * unit)
+
+
+def check_tile(config, tile: int) -> int:
+    """Refuse a tile size (target pixels) the model cannot use, naming the valid choices."""
+    unit, minimum = tile_unit(config), minimum_tile(config)
+    if int(tile) != tile or tile < minimum:
+        raise ValueError(f"Tile size {tile} px is smaller than this model's minimum of "
+                         f"{minimum} px (its training crop); use --tile {minimum} or larger.")
+    if tile % unit:
+        lower = tile // unit * unit
+        nearest = lower if (tile - lower <= unit / 2 and lower >= minimum) else lower + unit
+        raise ValueError(f"Tile size {tile} px is not a multiple of {unit} px (the "
+                         f"super-resolution factor {config.factor} times the U-Net's AF size "
+                         f"multiple {config.af_size_multiple}); the nearest valid size is "
+                         f"{nearest} px.")
+    return int(tile)
+
+
+def check_overlap(overlap: float) -> float:
+    if not 0.0 <= overlap <= MAX_OVERLAP:
+        raise ValueError(f"The tile overlap must be a fraction from 0 to {MAX_OVERLAP} "
+                         f"(0.25 is 25 %); got {overlap}.")
+    return float(overlap)
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """Where the tiles go. AF pixels: `af_shape` (h, w), tile sides `tile_af` (y, x) and tile
+    origins `rows`, `cols`; target pixels are these times `factor`. An image side shorter than
+    a tile is reflect-padded up to the tile (the padding is cropped from the output)."""
+
+    af_shape: tuple
+    tile_af: tuple
+    rows: tuple
+    cols: tuple
+    factor: int
+
+    @property
+    def out_shape(self) -> tuple:
+        return (self.af_shape[0] * self.factor, self.af_shape[1] * self.factor)
+
+    @property
+    def tile(self) -> tuple:
+        return (self.tile_af[0] * self.factor, self.tile_af[1] * self.factor)
+
+    @property
+    def count(self) -> int:
+        return len(self.rows) * len(self.cols)
+
+
+def _origins(length: int, tile: int, stride: int) -> tuple:
+    if length <= tile:
+        return (0,)
+    origins = list(range(0, length - tile + 1, stride))
+    if origins[-1] != length - tile:
+        origins.append(length - tile)  # the last tile ends at the image border
+    return tuple(origins)
+
+
+def plan_tiles(af_shape, config, tile: Optional[int] = None,
+               overlap: float = DEFAULT_OVERLAP) -> TilePlan:
+    """Tile an AF image of shape (h, w) or (C, h, w). `tile` is the side in target pixels
+    (default: the model's training crop). A side shorter than a tile gets a tile of its own
+    length rounded up to a valid size (at least the minimum), and is padded to it."""
+    tile = check_tile(config, minimum_tile(config) if tile is None else tile)
+    overlap = check_overlap(overlap)
+    height, width = (int(s) for s in af_shape[-2:])
+    k, unit_af = config.factor, config.af_size_multiple
+    min_af = minimum_tile(config) // k
+
+    def side(length: int) -> int:
+        fitted = max(min_af, -(-length // unit_af) * unit_af)
+        return min(tile // k, fitted)
+
+    tile_af = (side(height), side(width))
+    origins = [_origins(length, t, max(1, int(round(t * (1 - overlap)))))
+               for length, t in zip((height, width), tile_af)]
+    return TilePlan((height, width), tile_af, origins[0], origins[1], k)
+
+
+def blend_window(height: int, width: int, kind: str = "gaussian") -> np.ndarray:
+    """Blending weights for one tile (height, width), float64, peak 1 at the centre:
+    'gaussian' (sigma = 0.125 x side, as MONAI's sliding window) or 'cosine' (a raised
+    cosine that stays above zero at the border)."""
+    def profile(n: int) -> np.ndarray:
+        centre = (n - 1) / 2
+        position = np.arange(n) - centre
+        if kind == "gaussian":
+            return np.exp(-0.5 * (position / (0.125 * n)) ** 2)
+        if kind == "cosine":
+            return 0.5 + 0.5 * np.cos(np.pi * position / (n / 2 + 0.5)) + 1e-3
+        raise ValueError(f"Unknown blending window {kind!r}; choose gaussian or cosine.")
+
+    return np.outer(profile(height), profile(width))
+
+
+# ---- the global noise field ------------------------------------------------------------------
+
+class NoiseField:
+    """One Gaussian noise field per (sample, network call) over the target-pixel plane,
+    generated block by block, so any crop can be produced alone and every crop of the same
+    pixels is identical. Blocks are cached only within one network call."""
+
+    def __init__(self, seed: int, channels: int = 3, block: int = NOISE_BLOCK):
+        self.seed, self.channels, self.block = int(seed), int(channels), int(block)
+
+    def block_noise(self, sample: int, call: int, block_row: int, block_col: int):
+        import torch
+
+        state = np.random.SeedSequence(
+            [self.seed, int(sample), int(call), int(block_row), int(block_col)]
+        ).generate_state(2, np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return torch.randn((self.channels, self.block, self.block), generator=generator)
+
+    def crop(self, sample: int, call: int, top: int, left: int, height: int, width: int,
+             cache: Optional[dict] = None):
+        """The field's pixels [top, top + height) x [left, left + width): (channels, h, w)."""
+        import torch
+
+        if top < 0 or left < 0:
+            raise ValueError("Noise field crops start at non-negative target pixels.")
+        b = self.block
+        cache = {} if cache is None else cache
+        out = torch.empty((self.channels, height, width))
+        for block_row in range(top // b, (top + height - 1) // b + 1):
+            for block_col in range(left // b, (left + width - 1) // b + 1):
+                key = (sample, call, block_row, block_col)
+                if key not in cache:
+                    cache[key] = self.block_noise(*key)
+                y0, x0 = max(top, block_row * b), max(left, block_col * b)
+                y1 = min(top + height, (block_row + 1) * b)
+                x1 = min(left + width, (block_col + 1) * b)
+                out[:, y0 - top:y1 - top, x0 - left:x1 - left] = \
+                    cache[key][:, y0 - block_row * b:y1 - block_row * b,
+                               x0 - block_col * b:x1 - block_col * b]
+        return out
+
+    def source(self, regions: list) -> Callable:
+        """A sampler noise source (call_index, like) -> noise for a batch whose row i is
+        sample regions[i][0] of the tile with target-pixel origin regions[i][1:]."""
+        import torch
+
+        def draw(call_index: int, like):
+            cache: dict = {}
+            height, width = like.shape[-2:]
+            crops = [self.crop(sample, call_index, top, left, height, width, cache)
+                     for sample, top, left in regions]
+            return torch.stack(crops).to(device=like.device, dtype=like.dtype)
+
+        return draw
+
+
+# ---- accumulating blended tiles --------------------------------------------------------------
+
+def cv_from_moments(mean: np.ndarray, mean_square: np.ndarray) -> np.ndarray:
+    """CV map (H, W) from per-channel means and mean squares (3, H, W) of intensities in
+    [0, 1]: std / mean per channel, averaged over the channels -- the same quantity as
+    `samplers.coefficient_of_variation`, from blended moments."""
+    std = np.sqrt(np.maximum(mean_square - mean**2, 0.0))
+    return (std / (mean + CV_EPS)).mean(axis=0).astype(np.float32)
+
+
+@dataclass
+class Band:
+    """Finished output rows [top, top + rows): RGB (rows, W, 3) uint8, CV (rows, W) float32,
+    samples (N, rows, W, 3) uint8 or None."""
+
+    top: int
+    rgb: np.ndarray
+    cv: np.ndarray
+    samples: Optional[np.ndarray] = None
+
+
+class _BandAccumulator:
+    """Weighted sums for the output rows [top, top + height) (one tile height)."""
+
+    def __init__(self, height: int, width: int, samples_kept: int = 0):
+        self.top, self.height, self.width = 0, height, width
+        self.weight = np.zeros((height, width))
+        self.raw = np.zeros((3, height, width))  # samples in [-1, 1]
+        self.intensity = np.zeros((3, height, width))  # clamp((x + 1) / 2, 0, 1)
+        self.square = np.zeros((3, height, width))
+        self.samples = np.zeros((samples_kept, 3, height, width)) if samples_kept else None
+        self.samples_kept = samples_kept
+
+    def add(self, x: np.ndarray, sample: int, top: int, left: int, window: np.ndarray,
+            out_shape: tuple) -> None:
+        """Add one sample x (3, th, tw) of the tile at output origin (top, left); the parts
+        outside the image (padding) are dropped."""
+        rows = min(x.shape[1], out_shape[0] - top)
+        cols = min(x.shape[2], out_shape[1] - left)
+        x, w = x[:, :rows, :cols], window[:rows, :cols]
+        r0 = top - self.top
+        if r0 < 0 or r0 + rows > self.height:
+            raise RuntimeError("A tile fell outside the accumulation band.")
+        region = (slice(r0, r0 + rows), slice(left, left + cols))
+        intensity = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+        self.weight[region] += w
+        self.raw[(slice(None), *region)] += w * x
+        self.intensity[(slice(None), *region)] += w * intensity
+        self.square[(slice(None), *region)] += w * intensity**2
+        if self.samples is not None:
+            self.samples[(sample, slice(None), *region)] += w * x
+
+    def pop(self, until: int) -> Band:
+        """Finish rows [top, until) and shift the band down to start at `until`."""
+        n = until - self.top
+        weight = self.weight[:n]
+        if np.any(weight <= 0):
+            raise RuntimeError("Some output pixels were not covered by any tile.")
+        rgb = model_to_rgb(self.raw[:, :n] / weight)
+        cv = cv_from_moments(self.intensity[:, :n] / weight, self.square[:, :n] / weight)
+        samples = None
+        if self.samples is not None:
+            per_sample_weight = weight / self.samples_kept
+            samples = np.stack([model_to_rgb(s[:, :n] / per_sample_weight)
+                                for s in self.samples])
+        for array, channel_axis in ((self.weight, False), (self.raw, True),
+                                    (self.intensity, True), (self.square, True),
+                                    (self.samples, True)):
+            if array is None:
+                continue
+            view = array.reshape(-1, *array.shape[-2:]) if channel_axis else array[None]
+            view[:, : self.height - n] = view[:, n:].copy()
+            view[:, self.height - n:] = 0.0
+        self.top = until
+        return Band(until - n, rgb, cv, samples)
+
+
+# ---- the tiled run ---------------------------------------------------------------------------
+
+def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto") -> int:
+    """How many (tile, sample) pairs go through the network at once on `device`."""
+    from .devices import bf16_supported, device_memory_bytes
+
+    pixels = tile_shape[0] * tile_shape[1]
+    if device.type == "cpu":
+        return max(1, CPU_BATCH_PIXELS // pixels)
+    bytes_per_value = 2 if (precision == "bf16" or (precision == "auto"
+                                                     and bf16_supported(device))) else 4
+    per_pixel = (ACTIVATION_BYTES_PER_PIXEL_CHANNEL * model.config.unet.base_channels
+                 * bytes_per_value / 4)
+    usable = 0.6 * device_memory_bytes(device)
+    return max(1, int(usable // (per_pixel * pixels)))
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or a CPU allocator that could not get memory."""
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+    text = str(error).lower()
+    return isinstance(error, oom) or "out of memory" in text or "can't allocate" in text
+
+
+def _af_tile(af: np.ndarray, stats: dict, top: int, left: int, tile_af: tuple) -> np.ndarray:
+    """The normalised AF crop of one tile, reflect-padded where the image is shorter."""
+    crop = normalise_af(af[:, top:top + tile_af[0], left:left + tile_af[1]], stats)
+    pad_h, pad_w = tile_af[0] - crop.shape[1], tile_af[1] - crop.shape[2]
+    if pad_h or pad_w:
+        crop = np.pad(crop, ((0, 0), (0, pad_h), (0, pad_w)), mode="reflect")
+    return crop
+
+
+def _check_af(af, config) -> np.ndarray:
+    af = np.asarray(af)
+    if af.ndim != 3 or af.shape[0] != config.af_channels:
+        raise ValueError(f"The model expects an AF image of shape ({config.af_channels}, Y, X); "
+                         f"got {af.shape}.")
+    return af
+
+
+def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan, device,
+                 callback, keep_samples: bool, batch_size: Optional[int],
+                 precision: str) -> Iterator[Band]:
+    """Run the tiles row by row and yield finished bands of output rows, top to bottom."""
+    import torch
+
+    from .devices import autocast_context
+    from .samplers import run_sampler
+
+    cfg = model.config
+    k, n_samples = cfg.factor, settings.samples
+    stats = af_statistics(af, cfg)
+    field = NoiseField(settings.seed)
+    window = blend_window(*plan.tile)
+    calls = settings.calls_per_sample(cfg.num_steps)
+    batch = int(batch_size) if batch_size else auto_batch_size(model, plan.tile, device,
+                                                                precision)
+    pairs_per_row = len(plan.cols) * n_samples
+    done = 0
+
+    def total_calls(batch_now: int, rows_left: int, pairs_left_here: int) -> int:
+        # calls done + calls of this row's remaining batches + calls of later rows
+        return done + calls * (math.ceil(pairs_left_here / batch_now)
+                               + rows_left * math.ceil(pairs_per_row / batch_now))
+
+    accumulator = _BandAccumulator(plan.tile[0], plan.out_shape[1],
+                                   n_samples if keep_samples else 0)
+    channels_last = torch.channels_last if device.type != "mps" else torch.contiguous_format
+    for row_number, row in enumerate(plan.rows):
+        top = row * k
+        if top > accumulator.top:
+            yield accumulator.pop(top)
+        pairs = [(col, sample) for col in plan.cols for sample in range(n_samples)]
+        start = 0
+        while start < len(pairs):
+            chunk = pairs[start:start + batch]
+            rows_left = len(plan.rows) - row_number - 1
+            total = total_calls(batch, rows_left, len(pairs) - start)
+            try:
+                with torch.no_grad(), autocast_context(device, precision):
+                    cols = sorted({col for col, _ in chunk})
+                    af_tiles = np.stack([_af_tile(af, stats, row, col, plan.tile_af)
+                                         for col in cols])
+                    af_tensor = torch.from_numpy(af_tiles).to(device).contiguous(
+                        memory_format=channels_last)
+                    y_tiles = model.condition(af_tensor).float()
+                    index = torch.tensor([cols.index(col) for col, _ in chunk], device=device)
+                    y, af_batch = y_tiles[index], af_tensor[index]
+                    noise = field.source([(sample, top, col * k) for col, sample in chunk])
+
+                    def progress(call_done, _calls, total=total):
+                        if callback is None:
+                            return None
+                        return callback(done + call_done, total)
+
+                    x = run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
+                                    model.schedule, steps=settings.steps,
+                                    t_exit=settings.t_exit, eta=settings.eta, noise=noise,
+                                    callback=progress)
+            except RuntimeError as error:
+                if batch == 1 or not _is_out_of_memory(error):
+                    raise
+                batch = max(1, batch // 2)  # too big for the device: halve it and go on
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            x = x.float().cpu().numpy().astype(np.float64)
+            for (col, sample), tile_out in zip(chunk, x):
+                accumulator.add(tile_out, sample, top, col * k, window, plan.out_shape)
+            done += calls
+            start += len(chunk)
+    yield accumulator.pop(plan.out_shape[0])
+
+
+class _MemoryOutput:
+    """Collects the bands into in-memory arrays and returns them as a StainResult."""
+
+    def write(self, bands: Iterator[Band], out_shape: tuple, settings: StainSettings,
+              samples: int) -> StainResult:
+        height, width = out_shape
+        rgb = np.zeros((height, width, 3), np.uint8)
+        cv = np.zeros((height, width), np.float32)
+        kept = None
+        for band in bands:
+            rows = slice(band.top, band.top + band.rgb.shape[0])
+            rgb[rows], cv[rows] = band.rgb, band.cv
+            if band.samples is not None:
+                if kept is None:
+                    kept = np.zeros((samples, height, width, 3), np.uint8)
+                kept[:, rows] = band.samples
+        return StainResult(rgb, cv, kept, settings)
+
+
+class OmeTiffWriter:
+    """Streams the stained RGB image and the CV map into two tiled OME-TIFFs, band by band,
+    so the whole image never has to be in memory. Both files appear only when the run
+    finishes (atomic writes); a cancelled or failed run leaves neither behind."""
+
+    def __init__(self, rgb_path, cv_path, pixel_size=None, provenance: Optional[dict] = None,
+                 overwrite: bool = False):
+        self.rgb_path, self.cv_path = Path(rgb_path), Path(cv_path)
+        if self.rgb_path.resolve() == self.cv_path.resolve():
+            raise ValueError(f"The stained image and the CV map cannot both be written to "
+                             f"{self.rgb_path}; give --cv-out another name.")
+        if not overwrite:
+            for path in (self.rgb_path, self.cv_path):
+                if path.exists():
+                    raise FileExistsError(f"{path} already exists; choose another name or "
+                                          "allow overwriting (--overwrite).")
+        self.pixel_size, self.provenance, self.overwrite = pixel_size, provenance, overwrite
+
+    def _tiff_options(self, axes: str, shape: tuple, dtype, image: str) -> dict:
+        from ..data.io import TILE_SIZE, ome_metadata, tiff_layout
+
+        provenance = dict(self.provenance or {}, image=image)
+        options = ome_metadata(axes, self.pixel_size, None, provenance)
+        options.update(tiff_layout(shape, dtype))
+        options["tile"] = (TILE_SIZE, TILE_SIZE)  # tiles let tifffile take the data in pieces
+        options.update(shape=shape, dtype=dtype)
+        return options
+
+    def write(self, bands: Iterator[Band], out_shape: tuple, settings: StainSettings,
+              samples: int) -> StainResult:
+        import tifffile
+
+        from ..data.io import TILE_SIZE
+        from .checkpoint import atomic_write
+
+        height, width = out_shape
+        self.cv_path.parent.mkdir(parents=True, exist_ok=True)
+        # The CV rows wait in a raw scratch file (plain writes, outside the process memory)
+        # while the RGB file is streamed; the CV OME-TIFF is written from it afterwards.
+        fd, scratch = tempfile.mkstemp(prefix=f".{self.cv_path.name}.", suffix=".cv-rows",
+                                       dir=self.cv_path.parent)
+        try:
+            with os.fdopen(fd, "wb") as cv_rows:
+                rgb_tiles = _tiles_of_bands(bands, width, TILE_SIZE, cv_rows)
+                atomic_write(self.rgb_path, lambda tmp: tifffile.imwrite(
+                    tmp, rgb_tiles, **self._tiff_options("YXS", (height, width, 3), np.uint8,
+                                                         "stained RGB, mean of samples")),
+                    self.overwrite)
+            cv_tiles = _tiles_of_raw_rows(scratch, height, width, TILE_SIZE)
+            try:
+                atomic_write(self.cv_path, lambda tmp: tifffile.imwrite(
+                    tmp, cv_tiles, **self._tiff_options(
+                        "YX", (height, width), np.float32,
+                        "coefficient of variation over samples (std / mean of RGB "
+                        "intensities in [0, 1], averaged over R, G, B)")), self.overwrite)
+            except BaseException:
+                self.rgb_path.unlink(missing_ok=True)  # no RGB image without its CV map
+                raise
+        finally:
+            Path(scratch).unlink(missing_ok=True)
+        return StainResult(None, None, None, settings)
+
+
+def _tiles_of_bands(bands: Iterator[Band], width: int, tile: int, cv_sink) -> Iterator:
+    """Regroup bands of any height into tile rows and yield RGB tiles in row-major order;
+    the CV rows go to `cv_sink` (a binary file) as they pass."""
+    pending, pending_rows = [], 0
+
+    def emit(block: np.ndarray):
+        for left in range(0, width, tile):
+            yield np.ascontiguousarray(block[:, left:left + tile])
+
+    for band in bands:
+        cv_sink.write(np.ascontiguousarray(band.cv, dtype=np.float32).tobytes())
+        pending.append(band.rgb)
+        pending_rows += band.rgb.shape[0]
+        while pending_rows >= tile:
+            block = np.concatenate(pending)
+            yield from emit(block[:tile])
+            rest = block[tile:]
+            pending, pending_rows = ([rest] if len(rest) else []), len(rest)
+    if pending_rows:
+        yield from emit(np.concatenate(pending))
+
+
+def _tiles_of_raw_rows(path, height: int, width: int, tile: int) -> Iterator:
+    row_bytes = width * 4
+    with open(path, "rb") as handle:
+        for top in range(0, height, tile):
+            rows = min(tile, height - top)
+            block = np.frombuffer(handle.read(rows * row_bytes), np.float32).reshape(rows, width)
+            for left in range(0, width, tile):
+                yield np.ascontiguousarray(block[:, left:left + tile])
+
+
+def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[int] = None,
+                overlap: float = DEFAULT_OVERLAP, callback=None, device=None,
+                keep_samples: bool = False, batch_size: Optional[int] = None,
+                writer: Optional[OmeTiffWriter] = None, precision: str = "auto") -> StainResult:
+    """Stain a raw AF image (C, h, w) of any size by overlapping tiles.
+
+    tile: side in target pixels (default: the model's training crop `config.train_crop`);
+    overlap: fraction of a tile shared with its neighbour; callback(done, total) counts
+    network calls over the whole image and cancels (engine.samplers.Cancelled) by returning
+    False; device: where to run (default: where the model is; the model is moved there);
+    batch_size: (tile, sample) pairs per network call (default: sized to the device);
+    writer: an OmeTiffWriter to stream the result to disk (then the returned StainResult holds
+    no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'.
+    Returns StainResult(rgb (H, W, 3) uint8 mean of N samples, cv (H, W) float32, samples
+    (N, H, W, 3) uint8 if keep_samples, settings), H, W = k h, k w.
+    """
+    from .devices import resolve_device
+
+    cfg = model.config
+    settings.validate(cfg.num_steps)
+    af = _check_af(af, cfg)
+    plan = plan_tiles(af.shape, cfg, tile, overlap)
+    if device is None:
+        device = next(model.parameters()).device
+    device = resolve_device(device)
+    model.to(device)
+    if keep_samples and writer is not None:
+        raise ValueError("keep_samples returns the samples in memory; it cannot be combined "
+                         "with writing to files.")
+    output = writer if writer is not None else _MemoryOutput()
+    bands = _stain_bands(model, af, settings, plan, device, callback, keep_samples,
+                         batch_size, precision)
+    try:
+        return output.write(bands, plan.out_shape, settings, settings.samples)
+    finally:
+        bands.close()
