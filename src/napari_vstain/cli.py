@@ -19,6 +19,8 @@ COMMANDS = {
     "train": ("napari_vstain.train", "Train a model on paired AF / H&E images."),
     "evaluate": ("napari_vstain.evaluate", "Evaluate a model and the baselines on held-out "
                  "pairs."),
+    "train-cgan": ("napari_vstain.baselines.cgan", "Train the conditional-GAN baseline on the "
+                   "same data as `vstain train`."),
     "import-weights": ("napari_vstain.engine.import_authors", "Convert the paper authors' "
                        ".pt weights into a napari-vstain checkpoint."),
 }

@@ -15,7 +15,8 @@ Memory stays bounded whatever the image size: tiles are processed one tile row a
 the blended sums are kept only for the rows the current tile row touches (a band of one tile
 height). Finished rows are handed to the output as soon as no later tile can touch them; an
 `OmeTiffWriter` streams them into tiled OME-TIFFs on disk. The CV map is blended through its
-moments (per-pixel means and mean squares of the sample intensities) and computed per band.
+moments (per tile: mean and variance of the sample intensities, blended like the image) and
+computed per band.
 
 Tiles x samples go through the network in batches sized to the device; on a CUDA
 out-of-memory error the batch is halved and the run goes on.
@@ -40,7 +41,7 @@ DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.75
 CV_EPS = 1e-6  # as in samplers.coefficient_of_variation
 # Target pixels per network batch on CPUs (beyond this, bigger batches gain nothing there).
-CPU_BATCH_PIXELS = 2**17
+CPU_BATCH_PIXELS = 2**16
 # Bytes of activations per target pixel and base channel of the U-Net, at float32 (a
 # conservative estimate for inference; the OOM fallback halves the batch if it is too small).
 ACTIVATION_BYTES_PER_PIXEL_CHANNEL = 96
@@ -214,11 +215,11 @@ class NoiseField:
 
 # ---- accumulating blended tiles --------------------------------------------------------------
 
-def cv_from_moments(mean: np.ndarray, mean_square: np.ndarray) -> np.ndarray:
-    """CV map (H, W) from per-channel means and mean squares (3, H, W) of intensities in
-    [0, 1]: std / mean per channel, averaged over the channels -- the same quantity as
-    `samplers.coefficient_of_variation`, from blended moments."""
-    std = np.sqrt(np.maximum(mean_square - mean**2, 0.0))
+def cv_from_mean_and_variance(mean: np.ndarray, variance: np.ndarray) -> np.ndarray:
+    """CV map (H, W) from per-channel means and variances (3, H, W) of intensities in [0, 1]
+    over the samples: std / mean per channel, averaged over the channels -- the quantity of
+    `samplers.coefficient_of_variation`."""
+    std = np.sqrt(np.maximum(variance, 0.0))
     return (std / (mean + CV_EPS)).mean(axis=0).astype(np.float32)
 
 
@@ -233,36 +234,67 @@ class Band:
     samples: Optional[np.ndarray] = None
 
 
+class _TileMoments:
+    """Sums over the N samples of one tile, filled as its samples come out of the network
+    (a tile's samples may be split over batches)."""
+
+    def __init__(self):
+        self.count = 0
+        self.raw = self.intensity = self.square = 0.0
+
+    def add(self, x: np.ndarray) -> None:
+        intensity = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+        self.count += 1
+        self.raw = self.raw + x
+        self.intensity = self.intensity + intensity
+        self.square = self.square + intensity**2
+
+    def summary(self) -> tuple:
+        """(mean sample in [-1, 1], mean intensity, intensity variance), each (3, th, tw)."""
+        mean_intensity = self.intensity / self.count
+        return (self.raw / self.count, mean_intensity,
+                self.square / self.count - mean_intensity**2)
+
+
 class _BandAccumulator:
-    """Weighted sums for the output rows [top, top + height) (one tile height)."""
+    """Blended sums for the output rows [top, top + height) (one tile height). Each tile adds
+    its sample mean, its mean intensity and its intensity variance over the N samples with
+    its window weight, so the CV map measures the spread between samples only (blending the
+    raw second moments would add the small differences between overlapping tiles)."""
 
     def __init__(self, height: int, width: int, samples_kept: int = 0):
         self.top, self.height, self.width = 0, height, width
         self.weight = np.zeros((height, width))
-        self.raw = np.zeros((3, height, width))  # samples in [-1, 1]
-        self.intensity = np.zeros((3, height, width))  # clamp((x + 1) / 2, 0, 1)
-        self.square = np.zeros((3, height, width))
+        self.raw = np.zeros((3, height, width))  # mean of the samples in [-1, 1]
+        self.intensity = np.zeros((3, height, width))  # mean of clamp((x + 1) / 2, 0, 1)
+        self.variance = np.zeros((3, height, width))  # variance of those intensities
         self.samples = np.zeros((samples_kept, 3, height, width)) if samples_kept else None
-        self.samples_kept = samples_kept
 
-    def add(self, x: np.ndarray, sample: int, top: int, left: int, window: np.ndarray,
-            out_shape: tuple) -> None:
-        """Add one sample x (3, th, tw) of the tile at output origin (top, left); the parts
-        outside the image (padding) are dropped."""
-        rows = min(x.shape[1], out_shape[0] - top)
-        cols = min(x.shape[2], out_shape[1] - left)
-        x, w = x[:, :rows, :cols], window[:rows, :cols]
+    def _region(self, shape: tuple, top: int, left: int, out_shape: tuple) -> tuple:
+        """Band rows and output columns of a tile, without the padding beyond the image."""
+        rows = min(shape[-2], out_shape[0] - top)
+        cols = min(shape[-1], out_shape[1] - left)
         r0 = top - self.top
         if r0 < 0 or r0 + rows > self.height:
             raise RuntimeError("A tile fell outside the accumulation band.")
-        region = (slice(r0, r0 + rows), slice(left, left + cols))
-        intensity = np.clip((x + 1.0) / 2.0, 0.0, 1.0)
+        return rows, cols, (slice(r0, r0 + rows), slice(left, left + cols))
+
+    def add_tile(self, moments: _TileMoments, top: int, left: int, window: np.ndarray,
+                 out_shape: tuple) -> None:
+        raw, intensity, variance = moments.summary()
+        rows, cols, region = self._region(raw.shape, top, left, out_shape)
+        w = window[:rows, :cols]
+        channels = (slice(None), *region)
         self.weight[region] += w
-        self.raw[(slice(None), *region)] += w * x
-        self.intensity[(slice(None), *region)] += w * intensity
-        self.square[(slice(None), *region)] += w * intensity**2
-        if self.samples is not None:
-            self.samples[(sample, slice(None), *region)] += w * x
+        self.raw[channels] += w * raw[:, :rows, :cols]
+        self.intensity[channels] += w * intensity[:, :rows, :cols]
+        self.variance[channels] += w * variance[:, :rows, :cols]
+
+    def add_sample(self, x: np.ndarray, sample: int, top: int, left: int, window: np.ndarray,
+                   out_shape: tuple) -> None:
+        """Blend one kept sample (keep_samples)."""
+        rows, cols, region = self._region(x.shape, top, left, out_shape)
+        self.samples[(sample, slice(None), *region)] += window[:rows, :cols] * x[:, :rows, :cols]
 
     def pop(self, until: int) -> Band:
         """Finish rows [top, until) and shift the band down to start at `until`."""
@@ -271,18 +303,15 @@ class _BandAccumulator:
         if np.any(weight <= 0):
             raise RuntimeError("Some output pixels were not covered by any tile.")
         rgb = model_to_rgb(self.raw[:, :n] / weight)
-        cv = cv_from_moments(self.intensity[:, :n] / weight, self.square[:, :n] / weight)
+        cv = cv_from_mean_and_variance(self.intensity[:, :n] / weight,
+                                       self.variance[:, :n] / weight)
         samples = None
         if self.samples is not None:
-            per_sample_weight = weight / self.samples_kept
-            samples = np.stack([model_to_rgb(s[:, :n] / per_sample_weight)
-                                for s in self.samples])
-        for array, channel_axis in ((self.weight, False), (self.raw, True),
-                                    (self.intensity, True), (self.square, True),
-                                    (self.samples, True)):
+            samples = np.stack([model_to_rgb(s[:, :n] / weight) for s in self.samples])
+        for array in (self.weight, self.raw, self.intensity, self.variance, self.samples):
             if array is None:
                 continue
-            view = array.reshape(-1, *array.shape[-2:]) if channel_axis else array[None]
+            view = array.reshape(-1, *array.shape[-2:])  # rows are the second-to-last axis
             view[:, : self.height - n] = view[:, n:].copy()
             view[:, self.height - n:] = 0.0
         self.top = until
@@ -332,18 +361,40 @@ def _check_af(af, config) -> np.ndarray:
     return af
 
 
-def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan, device,
-                 callback, keep_samples: bool, batch_size: Optional[int],
-                 precision: str) -> Iterator[Band]:
-    """Run the tiles row by row and yield finished bands of output rows, top to bottom."""
+def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, chunk: list,
+                  field: NoiseField, settings: StainSettings, device, precision: str,
+                  progress):
+    """One network batch: the (tile column, sample index) pairs of `chunk` in tile row `row`
+    (AF pixels), sampled together -> (len(chunk), 3, th, tw) tensor in [-1, 1]."""
     import torch
 
     from .devices import autocast_context
-    from .samplers import run_sampler
+    from . import samplers
+
+    k = model.config.factor
+    layout = torch.channels_last if device.type != "mps" else torch.contiguous_format
+    with torch.no_grad(), autocast_context(device, precision):
+        cols = sorted({col for col, _ in chunk})
+        af_tiles = np.stack([_af_tile(af, stats, row, col, plan.tile_af) for col in cols])
+        af_tensor = torch.from_numpy(af_tiles).to(device).contiguous(memory_format=layout)
+        y_tiles = model.condition(af_tensor).float()  # the CNN once per tile, not per sample
+        index = torch.tensor([cols.index(col) for col, _ in chunk], device=device)
+        y, af_batch = y_tiles[index], af_tensor[index]
+        noise = field.source([(sample, row * k, col * k) for col, sample in chunk])
+        return samplers.run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
+                                    model.schedule, steps=settings.steps,
+                                    t_exit=settings.t_exit, eta=settings.eta, noise=noise,
+                                    callback=progress)
+
+
+def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan, device,
+                 callback, keep_samples: bool, batch_size: Optional[int],
+                 precision: str, stats: dict) -> Iterator[Band]:
+    """Run the tiles row by row and yield finished bands of output rows, top to bottom."""
+    import torch
 
     cfg = model.config
     k, n_samples = cfg.factor, settings.samples
-    stats = af_statistics(af, cfg)
     field = NoiseField(settings.seed)
     window = blend_window(*plan.tile)
     calls = settings.calls_per_sample(cfg.num_steps)
@@ -359,38 +410,25 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
 
     accumulator = _BandAccumulator(plan.tile[0], plan.out_shape[1],
                                    n_samples if keep_samples else 0)
-    channels_last = torch.channels_last if device.type != "mps" else torch.contiguous_format
     for row_number, row in enumerate(plan.rows):
         top = row * k
         if top > accumulator.top:
             yield accumulator.pop(top)
         pairs = [(col, sample) for col in plan.cols for sample in range(n_samples)]
+        pending: dict = {}  # column -> _TileMoments of tiles with samples still to come
         start = 0
         while start < len(pairs):
-            chunk = pairs[start:start + batch]
+            # equal-sized batches: 22 pairs at batch 16 run as 11 + 11, not 16 + 6
+            left = len(pairs) - start
+            chunk = pairs[start:start + math.ceil(left / math.ceil(left / batch))]
             rows_left = len(plan.rows) - row_number - 1
             total = total_calls(batch, rows_left, len(pairs) - start)
+            def progress(call_done, _calls, total=total):
+                return None if callback is None else callback(done + call_done, total)
+
             try:
-                with torch.no_grad(), autocast_context(device, precision):
-                    cols = sorted({col for col, _ in chunk})
-                    af_tiles = np.stack([_af_tile(af, stats, row, col, plan.tile_af)
-                                         for col in cols])
-                    af_tensor = torch.from_numpy(af_tiles).to(device).contiguous(
-                        memory_format=channels_last)
-                    y_tiles = model.condition(af_tensor).float()
-                    index = torch.tensor([cols.index(col) for col, _ in chunk], device=device)
-                    y, af_batch = y_tiles[index], af_tensor[index]
-                    noise = field.source([(sample, top, col * k) for col, sample in chunk])
-
-                    def progress(call_done, _calls, total=total):
-                        if callback is None:
-                            return None
-                        return callback(done + call_done, total)
-
-                    x = run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
-                                    model.schedule, steps=settings.steps,
-                                    t_exit=settings.t_exit, eta=settings.eta, noise=noise,
-                                    callback=progress)
+                x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, device,
+                                  precision, progress)
             except RuntimeError as error:
                 if batch == 1 or not _is_out_of_memory(error):
                     raise
@@ -400,7 +438,14 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
                 continue
             x = x.float().cpu().numpy().astype(np.float64)
             for (col, sample), tile_out in zip(chunk, x):
-                accumulator.add(tile_out, sample, top, col * k, window, plan.out_shape)
+                moments = pending.setdefault(col, _TileMoments())
+                moments.add(tile_out)
+                if keep_samples:
+                    accumulator.add_sample(tile_out, sample, top, col * k, window,
+                                           plan.out_shape)
+                if moments.count == n_samples:  # the tile is complete
+                    accumulator.add_tile(pending.pop(col), top, col * k, window,
+                                         plan.out_shape)
             done += calls
             start += len(chunk)
     yield accumulator.pop(plan.out_shape[0])
@@ -523,7 +568,8 @@ def _tiles_of_raw_rows(path, height: int, width: int, tile: int) -> Iterator:
 def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[int] = None,
                 overlap: float = DEFAULT_OVERLAP, callback=None, device=None,
                 keep_samples: bool = False, batch_size: Optional[int] = None,
-                writer: Optional[OmeTiffWriter] = None, precision: str = "auto") -> StainResult:
+                writer: Optional[OmeTiffWriter] = None, precision: str = "auto",
+                af_stats: Optional[dict] = None) -> StainResult:
     """Stain a raw AF image (C, h, w) of any size by overlapping tiles.
 
     tile: side in target pixels (default: the model's training crop `config.train_crop`);
@@ -532,7 +578,10 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
     False; device: where to run (default: where the model is; the model is moved there);
     batch_size: (tile, sample) pairs per network call (default: sized to the device);
     writer: an OmeTiffWriter to stream the result to disk (then the returned StainResult holds
-    no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'.
+    no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'; af_stats: AF
+    normalisation statistics (engine.model.af_statistics), default those of `af` itself --
+    pass the whole image's when `af` is a region of a larger image, so the region is stained
+    exactly as in a run over the whole image.
     Returns StainResult(rgb (H, W, 3) uint8 mean of N samples, cv (H, W) float32, samples
     (N, H, W, 3) uint8 if keep_samples, settings), H, W = k h, k w.
     """
@@ -550,8 +599,9 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
         raise ValueError("keep_samples returns the samples in memory; it cannot be combined "
                          "with writing to files.")
     output = writer if writer is not None else _MemoryOutput()
+    stats = af_statistics(af, cfg) if af_stats is None else af_stats
     bands = _stain_bands(model, af, settings, plan, device, callback, keep_samples,
-                         batch_size, precision)
+                         batch_size, precision, stats)
     try:
         return output.write(bands, plan.out_shape, settings, settings.samples)
     finally:

@@ -1,0 +1,182 @@
+"""Run every CPU benchmark and write benchmarks/results/*.json plus a Markdown summary,
+benchmarks/results/README.md.
+
+    python benchmarks/run_all.py            # the real run with the demo model (~20 min, 1 core)
+    python benchmarks/run_all.py --quick    # fewer pairs, steps and sizes (a few minutes)
+    python benchmarks/run_all.py --tiny --quick   # untrained tiny model: checks the scripts
+
+Each benchmark runs in its own process. The GPU benchmark is separate (needs a CUDA card):
+    python benchmarks/gpu_benchmark.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import common  # noqa: E402
+
+SCRIPTS = ("quality_vs_calls.py", "tiled_vs_untiled.py", "samples_batching.py",
+           "memory_scaling.py")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.add_common_arguments(parser)
+    parser.add_argument("--only", default=None,
+                        help="comma-separated scripts to run (default: all)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="only rewrite README.md from the existing result files")
+    args = parser.parse_args(argv)
+    passed = []
+    if args.quick:
+        passed.append("--quick")
+    if args.tiny:
+        passed.append("--tiny")
+    if args.checkpoint is not None:
+        passed += ["--checkpoint", str(args.checkpoint)]
+    passed += ["--threads", str(args.threads), "--results", str(args.results)]
+    scripts = SCRIPTS if args.only is None else tuple(
+        s if s.endswith(".py") else f"{s}.py" for s in args.only.split(","))
+    timings = {}
+    if not args.summary_only:
+        for script in scripts:
+            print(f"== {script}", file=sys.stderr)
+            start = time.perf_counter()
+            subprocess.run([sys.executable, str(HERE / script), *passed], check=True)
+            timings[script] = time.perf_counter() - start
+    command = " ".join(["python", "benchmarks/run_all.py", *(argv if argv is not None
+                                                              else sys.argv[1:])])
+    write_summary(args.results, command, timings)
+    return 0
+
+
+# ---- the Markdown summary --------------------------------------------------------------------
+
+def _load(folder: Path, name: str):
+    path = folder / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _quality_section(record: dict) -> list:
+    crit = record["criterion"]
+    lines = ["## Quality against network calls", "",
+             f"Model: {record['model']}. Data: {record['data']}; {record['crop_px']} x "
+             f"{record['crop_px']} px crops. Time: CPU seconds per megapixel of output, "
+             "and as a ratio to the paper's setting (last row) measured in the same run.", "",
+             "| sampler | network calls | SSIM | PSNR (dB) | s / MP | time vs paper |",
+             "|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        lines.append(f"| {row['label']} | {row['network_calls']} | "
+                     f"{row['ssim_mean']:.4f} +- {row['ssim_std']:.4f} | "
+                     f"{row['psnr_mean']:.2f} +- {row['psnr_std']:.2f} | "
+                     f"{row['seconds_per_megapixel']:.0f} | "
+                     f"{row['time_ratio_to_reference']:.4f} |")
+    lines += ["", f"Criterion ({crit['text']}): best fast row with <= 25 calls is "
+                  f"'{crit['best_fast_row']}', SSIM {crit['best_fast_ssim']:.4f} vs "
+                  f"{crit['reference_ssim']:.4f} (difference {crit['difference']:+.4f}) at "
+                  f"{crit['time_ratio']:.4f} of the time: "
+                  f"**{'met' if crit['met'] else 'NOT met'}**.", ""]
+    return lines
+
+
+def _tiled_section(record: dict) -> list:
+    lines = ["## Tiled against untiled", "",
+             f"Model: {record['model']}; tiles of {record['tile_px']} px; "
+             f"{record['sampler']}; {record['data']}.", "",
+             "| image | overlap | tiles | PSNR to untiled (dB) | SSIM to untiled | "
+             "SSIM to target (tiled / untiled) | s (tiled / untiled) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        for key in sorted(k for k in row if k.startswith("overlap_")):
+            t = row[key]
+            lines.append(f"| {row['pair']} | {key.split('_')[1]} | {t['tiles']} | "
+                         f"{t['psnr_to_untiled']:.1f} | {t['ssim_to_untiled']:.4f} | "
+                         f"{t['ssim_to_target']:.4f} / {row['untiled_ssim_to_target']:.4f} | "
+                         f"{t['seconds']:.1f} / {row['untiled_seconds']:.1f} |")
+    return lines + [""]
+
+
+def _batching_section(record: dict) -> list:
+    lines = ["## N samples in one batch against N sequential runs", "",
+             f"Model: {record['model']}; {record['image']}; {record['sampler']}; "
+             f"N = {record['samples']}.", "",
+             "| how | seconds | s / MP | speed vs sequential |", "|---|---|---|---|"]
+    for run in record["runs"]:
+        lines.append(f"| {run['how']} | {run['seconds']:.2f} | "
+                     f"{run['seconds_per_megapixel']:.0f} | "
+                     f"{run['speed_vs_sequential']:.2f}x |")
+    diff = record["batched_equals_batch_size_1"]["max_abs_difference_levels"]
+    return lines + ["", f"Batched and batch-size-1 outputs differ by at most {diff} grey "
+                        "level(s) (the same noise per sample: batching does not change the "
+                        "image).", ""]
+
+
+def _memory_section(record: dict) -> list:
+    crit = record["criterion"]
+    lines = ["## Peak memory against output size", "",
+             f"{record['method']}; fast sampler, {record['steps']} step(s), N = 1.", "",
+             "| model | output px | tiles | peak RSS (MiB) | RSS before staining (MiB) | "
+             "AF input (MiB) | seconds |", "|---|---|---|---|---|---|---|"]
+    for series in record["series"]:
+        for row in series["rows"]:
+            lines.append(f"| {series['model']} | {row['size']}^2 | {row['tiles']} | "
+                         f"{row['peak_rss_mib']:.0f} | {row['rss_before_staining_mib']:.0f} | "
+                         f"{row['af_input_mib']:.1f} | {row['seconds']:.1f} |")
+    lines += ["", f"Criterion ({crit['text']}): ratio {crit['ratio']:.2f}: "
+                  f"**{'met' if crit['met'] else 'NOT met'}**.", ""]
+    return lines
+
+
+def _gpu_sections(folder: Path) -> list:
+    from gpu_benchmark import markdown_table
+
+    lines = []
+    for path in sorted(folder.glob("gpu_*.json")):
+        record = json.loads(path.read_text())
+        lines += ["## GPU", "", f"Command: `{record['command']}`", "",
+                  markdown_table(record), ""]
+    return lines
+
+
+def write_summary(folder: Path, command: str, timings: dict) -> Path:
+    from napari_vstain.engine.checkpoint import atomic_write
+
+    folder = Path(folder)
+    records = {name: _load(folder, name) for name in
+               ("quality_vs_calls", "tiled_vs_untiled", "samples_batching", "memory_scaling")}
+    first = next((r for r in records.values() if r is not None), None)
+    lines = ["# Benchmark results", "",
+             f"Command: `{command}` (each script's own command is in its JSON file).", ""]
+    if first is not None:
+        m = first["machine"]
+        lines += [f"Machine: {m['cpu']}; torch {m['torch']} with {m['torch_threads']} "
+                  f"thread(s); Python {m['python']}; napari-vstain {m['napari_vstain']} "
+                  f"(commit {m['commit'] or 'unknown'}); {m['date_utc']}; 1-minute load "
+                  f"average at start {m['load_average_1min_at_start']} (the CPU is shared, so "
+                  "absolute times are noisy; ratios within one run are the robust numbers).",
+                  ""]
+    if timings:
+        lines += ["Wall time: " + ", ".join(f"{k} {v / 60:.1f} min"
+                                             for k, v in timings.items()) + ".", ""]
+    sections = (("quality_vs_calls", _quality_section), ("tiled_vs_untiled", _tiled_section),
+                ("samples_batching", _batching_section), ("memory_scaling", _memory_section))
+    for name, section in sections:
+        if records[name] is not None:
+            lines += section(records[name])
+    lines += _gpu_sections(folder)
+    text = "\n".join(lines)
+    path = folder / "README.md"
+    atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=True)
+    print(f"wrote {path}", file=sys.stderr)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

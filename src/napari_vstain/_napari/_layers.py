@@ -1,0 +1,148 @@
+"""Layer conventions shared by the reader, the sample data and the dock widgets (no Qt here).
+
+napari-vstain marks its layers with a few metadata keys:
+- ROLE: "af" (input stack, (C, Y, X)), "brightfield" (RGB image), "stained" (mean of N
+  samples), "cv" (per-pixel CV map), "samples" (the N samples), "ground_truth" (a brightfield
+  image registered onto a stained layer), "pigment" (pigment outlines of the compare view);
+- PIXEL_SIZE: (y, x) micrometres of the layer's pixels, or None when unknown;
+- PROVENANCE: what made the image (engine.inference.provenance), written into exported files;
+- CHANNEL_NAMES: the AF channel names of an (C, Y, X) layer;
+- LINKS: names of the related layers (the stained layer's input, CV and samples layers).
+
+Positions follow napari's convention: pixel i of a layer is centred at translate + i * scale.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+ROLE = "vstain_role"
+PIXEL_SIZE = "pixel_size_um"
+PROVENANCE = "provenance"
+CHANNEL_NAMES = "channel_names"
+LINKS = "vstain_links"
+SOURCE = "source"
+
+
+def upsampled_placement(scale: Sequence[float], translate: Sequence[float], factor: int):
+    """(scale, translate) of an image upsampled `factor` times over an input placed at
+    (scale, translate): its pixels are `factor` times smaller and the input pixel's area is
+    split into factor x factor output pixels, so the first output pixel centre lies
+    scale (1/f - 1) / 2 before the first input pixel centre."""
+    scale = np.asarray(scale, dtype=float)
+    translate = np.asarray(translate, dtype=float)
+    return (tuple(scale / factor), tuple(translate + scale * (1.0 / factor - 1.0) / 2.0))
+
+
+def yx_scale(layer) -> tuple:
+    """The (y, x) scale of a layer's two displayed image axes."""
+    return tuple(float(v) for v in layer.scale[-2:])
+
+
+def yx_translate(layer) -> tuple:
+    return tuple(float(v) for v in layer.translate[-2:])
+
+
+def pixel_size(layer) -> Optional[tuple]:
+    """The layer's pixel size in micrometres (y, x), or None when it is not known."""
+    value = layer.metadata.get(PIXEL_SIZE)
+    return None if value is None else tuple(float(v) for v in value)
+
+
+def role(layer) -> Optional[str]:
+    return layer.metadata.get(ROLE)
+
+
+def is_rgb_image(layer) -> bool:
+    return layer.__class__.__name__ == "Image" and bool(getattr(layer, "rgb", False))
+
+
+def is_single_or_multichannel_image(layer) -> bool:
+    """Image layers that can serve as AF input: not RGB, 2-D (one channel) or 3-D (C, Y, X)."""
+    return (layer.__class__.__name__ == "Image" and not getattr(layer, "rgb", False)
+            and not getattr(layer, "multiscale", False) and layer.ndim in (2, 3))
+
+
+def layer_array(layer) -> np.ndarray:
+    """The full-resolution data of an image layer as a numpy array (level 0 if multiscale)."""
+    data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+    return np.asarray(data)
+
+
+def af_layer_data(af: np.ndarray, name: str, channel_names: Sequence[str],
+                  pixel_size_um: Optional[Sequence[float]], source: str = "",
+                  extra_metadata: Optional[dict] = None) -> tuple:
+    """A napari LayerData tuple for an AF stack (C, Y, X): one layer whose first axis is the
+    channel (scale 1), the image axes scaled by the pixel size (1 when unknown)."""
+    size = (1.0, 1.0) if pixel_size_um is None else tuple(float(v) for v in pixel_size_um)
+    metadata = {ROLE: "af", CHANNEL_NAMES: [str(n) for n in channel_names],
+                PIXEL_SIZE: None if pixel_size_um is None else size, SOURCE: source}
+    metadata.update(extra_metadata or {})
+    kwargs = {"name": name, "scale": (1.0, *size), "colormap": "gray",
+              "metadata": metadata}
+    return (af, kwargs, "image")
+
+
+def rgb_layer_data(rgb: np.ndarray, name: str, pixel_size_um: Optional[Sequence[float]],
+                   translate=(0.0, 0.0), layer_role: str = "brightfield", source: str = "",
+                   extra_metadata: Optional[dict] = None) -> tuple:
+    """A napari LayerData tuple for a (Y, X, 3) uint8 RGB image."""
+    size = (1.0, 1.0) if pixel_size_um is None else tuple(float(v) for v in pixel_size_um)
+    metadata = {ROLE: layer_role, PIXEL_SIZE: None if pixel_size_um is None else size,
+                SOURCE: source}
+    metadata.update(extra_metadata or {})
+    kwargs = {"name": name, "rgb": True, "scale": size,
+              "translate": tuple(float(v) for v in translate), "metadata": metadata}
+    return (rgb, kwargs, "image")
+
+
+def data_box(layer, world_corners: np.ndarray) -> tuple:
+    """Pixel box (y0, x0, y1, x1) of `layer` (end exclusive, clipped to the image) covering
+    the world-coordinate points `world_corners` (n, >= 2) given in the layer's world axes."""
+    points = np.array([layer.world_to_data(point) for point in world_corners], dtype=float)
+    points = points[:, -2:]  # the image axes (an RGB layer's data coordinates are (y, x))
+    height, width = layer_array_shape(layer)
+    # data coordinate i is the centre of pixel i: take the pixels whose centres lie inside
+    y0 = int(np.clip(np.ceil(points[:, 0].min()), 0, height))
+    y1 = int(np.clip(np.floor(points[:, 0].max()) + 1, 0, height))
+    x0 = int(np.clip(np.ceil(points[:, 1].min()), 0, width))
+    x1 = int(np.clip(np.floor(points[:, 1].max()) + 1, 0, width))
+    return y0, x0, y1, x1
+
+
+def layer_array_shape(layer) -> tuple:
+    """(height, width) of an image layer's displayed image axes."""
+    shape = layer.data[0].shape if getattr(layer, "multiscale", False) else layer.data.shape
+    return tuple(int(s) for s in (shape[:2] if is_rgb_image(layer) else shape[-2:]))
+
+
+def on_same_grid(layer_a, layer_b, tolerance: float = 1e-6) -> bool:
+    """Whether two image layers have the same (height, width), scale and translate, i.e.
+    pixel (i, j) of one lies exactly on pixel (i, j) of the other."""
+    return (layer_array_shape(layer_a) == layer_array_shape(layer_b)
+            and np.allclose(yx_scale(layer_a), yx_scale(layer_b), rtol=tolerance, atol=0)
+            and np.allclose(yx_translate(layer_a), yx_translate(layer_b),
+                            atol=tolerance * max(1.0, *np.abs(yx_scale(layer_a)))))
+
+
+def visible_world_box(viewer) -> np.ndarray:
+    """World (y, x) corners [[top, left], [bottom, right]] of what one canvas view box shows
+    (the whole canvas, or one cell in grid mode), from the camera centre and zoom."""
+    height, width = (float(v) for v in viewer.canvas.size)
+    if viewer.canvas.grid.enabled:
+        rows, columns = viewer.canvas.grid.actual_shape(list(viewer.layers))
+        height, width = height / rows, width / columns
+    centre = np.asarray(viewer.scene.camera.center[-2:], dtype=float)
+    half = np.array([height, width]) / (2.0 * float(viewer.scene.camera.zoom))
+    return np.array([centre - half, centre + half])
+
+
+def rectangle_world_boxes(shapes_layer) -> list:
+    """World (y, x) corners [[top, left], [bottom, right]] of each shape's bounding box."""
+    boxes = []
+    for vertices in shapes_layer.data:
+        world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(vertices)])[:, -2:]
+        boxes.append(np.array([world.min(axis=0), world.max(axis=0)]))
+    return boxes

@@ -1,0 +1,44 @@
+"""napari writer: an image layer as OME-TIFF with its pixel size, channel names and provenance
+(napari's own TIFF writer drops them). RGB layers are written as (Y, X, 3) uint8, 2-D layers
+(the CV map) as float32 maps, (C, Y, X) layers as AF stacks.
+
+The writer never replaces an existing file: napari gives no way to ask, so it refuses with
+a message instead (choose a new name or delete the old file).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._layers import CHANNEL_NAMES, PIXEL_SIZE, PROVENANCE
+
+
+def write_image_layer(path: str, data, meta: dict) -> list:
+    """npe2 single-layer writer: returns the written path."""
+    from ..data.io import write_ome_tiff
+
+    metadata = meta.get("metadata") or {}
+    array = np.asarray(data[0] if meta.get("multiscale") else data)
+    name = meta.get("name", "layer")
+    if meta.get("rgb"):
+        if array.ndim != 3 or array.shape[-1] != 3:
+            raise ValueError(f"Layer {name!r} is an RGB layer of shape {array.shape}; only "
+                             "(Y, X, 3) RGB images can be written (RGBA and stacks cannot).")
+        if array.dtype != np.uint8:
+            raise ValueError(f"Layer {name!r} holds {array.dtype} RGB values; napari-vstain "
+                             "writes 8-bit (uint8) RGB images only.")
+        axes, channel_names = "YXS", None
+    elif array.ndim == 2:
+        axes, channel_names = "YX", None
+    elif array.ndim == 3:
+        axes = "CYX"
+        channel_names = metadata.get(CHANNEL_NAMES)
+        if channel_names is not None and len(channel_names) != array.shape[0]:
+            channel_names = None  # the layer's data changed since the names were recorded
+    else:
+        raise ValueError(f"Layer {name!r} has {array.ndim} dimensions {array.shape}; "
+                         "napari-vstain writes 2-D images, (C, Y, X) stacks and RGB images.")
+    written = write_ome_tiff(path, array, axes, pixel_size=metadata.get(PIXEL_SIZE),
+                             channel_names=channel_names,
+                             provenance=metadata.get(PROVENANCE) or None)
+    return [str(written)]

@@ -1,0 +1,82 @@
+"""`vstain demo` end to end with a tiny model: the files, the metrics, and never overwriting."""
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_vstain.cli import main
+from napari_vstain.data.io import read_provenance
+from napari_vstain.demo import output_folder
+from napari_vstain.engine.checkpoint import save_model
+from napari_vstain.engine.model import ModelConfig, VStainModel
+
+FILES = ("stained.ome.tif", "stained.png", "cv.ome.tif", "cv.png", "target.png", "af.ome.tif",
+         "figure.png", "metrics.json")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
+    save_model(VStainModel(ModelConfig.tiny(train_crop=32)), path)
+    return path
+
+
+def demo_args(checkpoint, *extra):
+    return ["demo", "--checkpoint", str(checkpoint), "--size", "128", "--samples", "2",
+            "--steps", "2", "--device", "cpu", *extra]
+
+
+def test_demo_writes_the_stain_cv_map_figure_and_metrics(tmp_path, tiny_checkpoint, capsys):
+    out = tmp_path / "demo"
+    assert main(demo_args(tiny_checkpoint, "--out", str(out))) == 0
+    for name in FILES:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["simulated"] is True and metrics["seed"] == 7
+    assert metrics["registration"].startswith("registered")
+    stained = tifffile.imread(out / "stained.ome.tif")
+    cv = tifffile.imread(out / "cv.ome.tif")
+    af = tifffile.imread(out / "af.ome.tif")
+    assert stained.dtype == np.uint8 and stained.shape[2] == 3
+    assert stained.shape[:2] == cv.shape == tuple(metrics["size_he"])
+    assert af.shape == (4, *metrics["size_af"]) and stained.shape[0] == 4 * af.shape[1]
+    assert np.all(cv >= 0) and cv.max() > 0  # two different samples
+    scores = metrics["scores"]
+    assert -1 <= scores["ssim"] <= 1 and 0 < scores["psnr"] < 60
+    assert set(scores["pigment"]) >= {"precision", "recall", "f1", "true"}
+    assert scores["pigment_vs_simulated_mask"]["true"] > 0  # the held-out lung has pigment
+    assert metrics["network_calls"] == 2 * 2
+    record = read_provenance(out / "stained.ome.tif")
+    assert record["samples"] == 2 and record["demo_seed"] == 7
+    assert record["checkpoint_hash"] == metrics["model"]["hash"]
+    printed = capsys.readouterr().out
+    assert "SSIM" in printed and str(out) in printed
+
+
+def test_demo_never_overwrites_an_output_folder(tmp_path, tiny_checkpoint, monkeypatch, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(demo_args(tiny_checkpoint, "--out", str(out))) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    # the default folder moves on to the next free number
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "vstain-demo").mkdir()
+    (tmp_path / "vstain-demo" / "stained.png").write_bytes(b"old")
+    assert output_folder(None, overwrite=False).name == "vstain-demo-2"
+    assert output_folder(None, overwrite=True).name == "vstain-demo"
+    assert output_folder(str(tmp_path / "empty"), overwrite=False) == tmp_path / "empty"
+
+
+def test_demo_refuses_training_seeds_and_missing_checkpoints(tmp_path, tiny_checkpoint, capsys):
+    assert main(demo_args(tiny_checkpoint, "--out", str(tmp_path / "a"), "--seed", "1000")) == 2
+    assert "held out" in capsys.readouterr().err
+    assert main(["demo", "--checkpoint", str(tmp_path / "none.safetensors"), "--out",
+                 str(tmp_path / "b")]) == 2
+    assert "No checkpoint" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
