@@ -109,7 +109,11 @@ def take_screenshot(args) -> Path:
     if compare.show_compare() is None:
         raise SystemExit(f"Compare view failed: {compare.last_message}")
     print(compare.last_message)
-    for _ in range(20):  # let the canvas and the docks lay out and draw
+    from napari._qt.dialogs.qt_notification import NapariQtNotification
+
+    for popup in window.findChildren(NapariQtNotification):  # the messages are in the docks
+        popup.close()
+    for _ in range(20):  # let the docks lay out and the canvas draw
         app.processEvents()
         time.sleep(0.05)
     compare_dock.raise_()
