@@ -390,6 +390,12 @@ def test_compare_view(stained_lung, qtbot):
     assert widget.show_compare()["f1"] == pytest.approx(1.0)
     widget.leave_compare()
     assert not viewer.canvas.grid.enabled
+    # without a CV layer the grid keeps its (image, outline) pairs, one cell fewer
+    viewer.layers.remove(f"{af.name} CV")
+    assert widget.show_compare() is not None
+    visible = [layer.name for layer in viewer.layers if layer.visible]
+    assert visible == [he.name, "pigment: ground truth", stained.name, "pigment: stained",
+                       af.name, "pigment: ground truth (on input)"]
 
 
 def test_roi_export_round_trip(stained_lung, qtbot, tmp_path):

@@ -109,14 +109,16 @@ class CompareWidget(Container):
             grid = viewer.canvas.grid
             self._saved_view = {"visible": {layer.name: layer.visible for layer in viewer.layers},
                                 "stride": grid.stride, "shape": grid.shape}
-        order = [truth, outlines[("ground_truth", "ground_truth")], cv,
-                 outlines[("stained", "cv")], stained, outlines[("stained", "stained")],
-                 inputs, outlines[("ground_truth", "input")]]
-        shown = [layer for layer in order if layer is not None]
+        cells = [(truth, ("ground_truth", "ground_truth")), (cv, ("stained", "cv")),
+                 (stained, ("stained", "stained")), (inputs, ("ground_truth", "input"))]
+        shown = []  # (image, outline) pairs from the bottom; a missing input or CV: no cell
+        for image, key in cells:
+            if image is not None:
+                shown += [image, outlines[key]]
         shown_names = {layer.name for layer in shown}
         for layer in viewer.layers:
             layer.visible = layer.name in shown_names
-        for layer in shown:  # move each to the top in turn: the list ends in `order`
+        for layer in shown:  # move each to the top in turn: the list ends in `shown`
             viewer.layers.move(viewer.layers.index(layer.name), len(viewer.layers))
         viewer.canvas.grid.stride = -2
         viewer.canvas.grid.shape = (-1, -1)
