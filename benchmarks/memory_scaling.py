@@ -86,8 +86,10 @@ def main(argv=None) -> int:
     tiny_sizes = [512, 1024, 2048] if args.quick else [512, 1024, 2048, 4096, 8192]
     model_sizes = [] if args.quick or args.tiny else [512, 1024, 2048]
     series = []
+    checkpoint_label = ("demo model" if args.checkpoint is None
+                        else f"checkpoint {args.checkpoint.name}")
     for label, tiny, sizes in (("untrained tiny model", True, tiny_sizes),
-                               ("benchmark model", False, model_sizes)):
+                               (checkpoint_label, False, model_sizes)):
         rows = []
         for size in sizes:
             row = measure(size, tiny, args.checkpoint, args.threads, args.steps)

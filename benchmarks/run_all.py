@@ -159,7 +159,7 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
         lines += [f"Machine: {m['cpu']}; torch {m['torch']} with {m['torch_threads']} "
                   f"thread(s); Python {m['python']}; napari-vstain {m['napari_vstain']} "
                   f"(commit {m['commit'] or 'unknown'}); {m['date_utc']}; 1-minute load "
-                  f"average at start {m['load_average_1min_at_start']} (the CPU is shared, so "
+                  f"average at start {m['load_average_1min_at_start']:.2f} (the CPU is shared, so "
                   "absolute times are noisy; ratios within one run are the robust numbers).",
                   ""]
     if timings:

@@ -33,7 +33,9 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="vstain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="vstain", description="Pixel super-resolved virtual staining of label-free tissue "
+        "(autofluorescence -> H&E) with a Brownian bridge diffusion model.")
     parser.add_argument("--version", action="version", version=f"napari-vstain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
