@@ -138,7 +138,7 @@ def test_cgan_loader_refuses_damaged_and_foreign_files(tmp_path):
     save_model(VStainModel(ModelConfig.tiny()), diffusion)
     with pytest.raises(CheckpointError, match="not a napari-vstain cGAN"):
         load_cgan(diffusion)
-    with pytest.raises(CheckpointError, match="No cGAN checkpoint"):
+    with pytest.raises(CheckpointError, match="No napari-vstain cGAN checkpoint"):
         load_cgan(tmp_path / "missing.safetensors")
 
 

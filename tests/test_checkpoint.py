@@ -105,5 +105,5 @@ def test_pickle_is_never_unpickled(tmp_path, capsys):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(CheckpointError, match="No checkpoint file"):
+    with pytest.raises(CheckpointError, match="No napari-vstain checkpoint"):
         load_model(tmp_path / "nothing.safetensors")

@@ -78,5 +78,5 @@ def test_demo_refuses_training_seeds_and_missing_checkpoints(tmp_path, tiny_chec
     assert "held out" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(tmp_path / "none.safetensors"), "--out",
                  str(tmp_path / "b")]) == 2
-    assert "No checkpoint" in capsys.readouterr().err
+    assert "No napari-vstain checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

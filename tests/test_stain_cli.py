@@ -122,7 +122,7 @@ def test_stain_refuses_missing_input_and_checkpoint(files, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["stain", str(files["af"]), "--out", str(tmp_path / "s.ome.tif"),
                      "--checkpoint", str(tmp_path / "missing.safetensors")]) == 2
-    assert "No checkpoint file" in capsys.readouterr().err
+    assert "No napari-vstain checkpoint" in capsys.readouterr().err
 
 
 def test_default_cv_path_sits_next_to_the_output(tmp_path):

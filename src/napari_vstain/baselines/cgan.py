@@ -321,28 +321,10 @@ def save_cgan(model, path, extra: Optional[dict] = None, overwrite: bool = False
 
 def load_cgan(path, device="cpu"):
     """A cGAN from save_cgan's file, checked (format tag, content hash, weight names)."""
-    from safetensors import safe_open
+    from ..engine.checkpoint import CheckpointError, read_checkpoint
 
-    from ..engine.checkpoint import CheckpointError, content_hash
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"No cGAN checkpoint at {path}.")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            state = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}).") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is not a napari-vstain cGAN checkpoint (format tag "
-                              f"{metadata.get('format')!r}); diffusion models go to "
-                              "--checkpoint, cGANs to --cgan.")
-    if int(metadata.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has cGAN format {metadata['format_version']}; this "
-                              f"napari-vstain reads up to {FORMAT_VERSION}.")
-    if content_hash(state) != metadata.get("content_hash"):
-        raise CheckpointError(f"{path} is damaged: its weights do not match its content hash.")
+    metadata, state = read_checkpoint(path, FORMAT_NAME, FORMAT_VERSION,
+                                      kind="napari-vstain cGAN checkpoint")
     try:
         config = CGANConfig.from_dict(json.loads(metadata["config"]))
     except (KeyError, ValueError, TypeError) as exc:

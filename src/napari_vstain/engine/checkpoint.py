@@ -69,31 +69,32 @@ def save_model(model: VStainModel, path, extra: Optional[dict] = None,
     return digest
 
 
-def read_checkpoint(path) -> tuple[dict, dict]:
-    """(metadata, state dict) of a napari-vstain checkpoint, checked; CheckpointError if not."""
+def read_checkpoint(path, format_name: str = FORMAT_NAME, format_version: int = FORMAT_VERSION,
+                    kind: str = "napari-vstain checkpoint") -> tuple[dict, dict]:
+    """(metadata, state dict) of a checkpoint of `format_name` (napari-vstain models by default;
+    the cGAN baseline has its own tag), checked; CheckpointError if not usable."""
     from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"No checkpoint file at {path}.")
+        raise CheckpointError(f"No {kind} at {path}.")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             state = {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types for damaged files
         raise CheckpointError(
-            f"{path} is not a readable safetensors checkpoint ({exc}). It may be truncated or "
+            f"{path} is not a readable safetensors {kind} ({exc}). It may be truncated or "
             "of another format; napari-vstain checkpoints end in .safetensors. Authors' .pt "
             "files must be converted with `vstain import-weights` first.") from None
-    if metadata.get("format") != FORMAT_NAME:
-        raise CheckpointError(f"{path} is a safetensors file but not a napari-vstain checkpoint "
-                              "(no napari-vstain format tag in its header).")
+    if metadata.get("format") != format_name:
+        raise CheckpointError(f"{path} is a safetensors file but not a {kind} (format tag "
+                              f"{metadata.get('format')!r}, expected {format_name!r}).")
     version = int(metadata.get("format_version", "0"))
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has checkpoint format {version}; this napari-vstain "
-                              f"reads up to {FORMAT_VERSION}. Update napari-vstain.")
-    digest = content_hash(state)
-    if digest != metadata.get("content_hash"):
+    if version > format_version:
+        raise CheckpointError(f"{path} has {kind} format {version}; this napari-vstain "
+                              f"reads up to {format_version}. Update napari-vstain.")
+    if content_hash(state) != metadata.get("content_hash"):
         raise CheckpointError(f"{path} is damaged: its weights do not match the content hash "
                               "recorded when it was saved.")
     return metadata, state
