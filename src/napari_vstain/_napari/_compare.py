@@ -18,7 +18,8 @@ import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, PushButton
 from napari.utils.notifications import show_error
 
-from ._layers import LINKS, PIXEL_SIZE, ROLE, is_rgb_image, layer_array, on_same_grid
+from ._layers import (LINKS, PIXEL_SIZE, ROLE, is_rgb_image, layer_array, on_same_grid,
+                      refresh_choices_on_layer_change, stained_layer_names)
 
 PIGMENT_COLOURS = {"stained": "cyan", "ground_truth": "yellow"}
 OUTLINE_NAMES = {
@@ -67,12 +68,10 @@ class CompareWidget(Container):
         self._show_button.changed.connect(lambda _: self.show_compare())
         self._leave_button.changed.connect(lambda _: self.leave_compare())
         self._stained.changed.connect(lambda _: self._truth.reset_choices())
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _: self.reset_choices())
+        refresh_choices_on_layer_change(napari_viewer, self)
 
     def _stained_choices(self, _widget=None) -> list:
-        return [layer.name for layer in self._viewer.layers
-                if layer.metadata.get(ROLE) == "stained"]
+        return stained_layer_names(self._viewer)
 
     def _truth_choices(self, _widget=None) -> list:
         """RGB layers on the stained layer's pixel grid: registered ones first."""

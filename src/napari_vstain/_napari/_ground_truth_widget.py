@@ -13,7 +13,8 @@ from napari.utils.notifications import show_error, show_info, show_warning
 from psygnal import Signal
 
 from ._layers import (LINKS, PIXEL_SIZE, PROVENANCE, ROLE, SOURCE, data_box, is_rgb_image,
-                      layer_array, pixel_size, rectangle_world_boxes, visible_world_box,
+                      layer_array, pixel_size, rectangle_world_boxes,
+                      refresh_choices_on_layer_change, shapes_layer_names, visible_world_box,
                       yx_scale, yx_translate)
 
 CURRENT_VIEW = "current view"
@@ -102,12 +103,10 @@ class GroundTruthWidget(Container):
             label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
         self._register_button.changed.connect(lambda _: self.register())
         self._measure_button.changed.connect(lambda _: self.measure())
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _: self.reset_choices())
+        refresh_choices_on_layer_change(napari_viewer, self)
 
     def _shapes_choices(self, _widget=None) -> list:
-        return [layer.name for layer in self._viewer.layers
-                if layer.__class__.__name__ == "Shapes"]
+        return shapes_layer_names(self._viewer)
 
     @property
     def running(self) -> bool:

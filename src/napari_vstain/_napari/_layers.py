@@ -146,3 +146,20 @@ def rectangle_world_boxes(shapes_layer) -> list:
         world = np.array([shapes_layer.data_to_world(v) for v in np.asarray(vertices)])[:, -2:]
         boxes.append(np.array([world.min(axis=0), world.max(axis=0)]))
     return boxes
+
+
+# ---- widget choice lists (shared by the dock widgets) ---------------------------------------
+
+def stained_layer_names(viewer) -> list:
+    """Names of the layers the staining widget made (its RGB outputs)."""
+    return [layer.name for layer in viewer.layers if layer.metadata.get(ROLE) == "stained"]
+
+
+def shapes_layer_names(viewer) -> list:
+    return [layer.name for layer in viewer.layers if layer.__class__.__name__ == "Shapes"]
+
+
+def refresh_choices_on_layer_change(viewer, container) -> None:
+    """Keep a widget's layer drop-downs current as layers are added or removed."""
+    for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+        event.connect(lambda _: container.reset_choices())

@@ -19,7 +19,8 @@ from magicgui.widgets import ComboBox, Container, FileEdit, Label, LineEdit, Pus
 from napari.utils.notifications import show_error, show_info
 
 from ._layers import (LINKS, PIXEL_SIZE, PROVENANCE, ROLE, SOURCE, data_box,
-                      layer_array, layer_array_shape, on_same_grid, rectangle_world_boxes)
+                      layer_array, layer_array_shape, on_same_grid, rectangle_world_boxes,
+                      refresh_choices_on_layer_change, shapes_layer_names, stained_layer_names)
 from ._staining import af_from_layers
 
 
@@ -153,16 +154,13 @@ class RoiExportWidget(Container):
         self._info.native.setWordWrap(True)  # wrap instead of widening the dock
         self._add_shapes_button.changed.connect(lambda _: self.add_rectangle_layer())
         self._export_button.changed.connect(lambda _: self._export_clicked())
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(lambda _: self.reset_choices())
+        refresh_choices_on_layer_change(napari_viewer, self)
 
     def _stained_choices(self, _widget=None) -> list:
-        return [layer.name for layer in self._viewer.layers
-                if layer.metadata.get(ROLE) == "stained"]
+        return stained_layer_names(self._viewer)
 
     def _shapes_choices(self, _widget=None) -> list:
-        return [layer.name for layer in self._viewer.layers
-                if layer.__class__.__name__ == "Shapes"]
+        return shapes_layer_names(self._viewer)
 
     def add_rectangle_layer(self):
         """A shapes layer in rectangle-drawing mode, selected for export."""

@@ -77,11 +77,9 @@ class CGANConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CGANConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown cGAN settings {unknown}.")
-        return cls(**data)
+        from ..engine.model import config_from_dict
+
+        return config_from_dict(cls, data, "cGAN settings")
 
     @classmethod
     def tiny(cls, **overrides) -> "CGANConfig":

@@ -79,12 +79,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"Unknown model settings {unknown}: the checkpoint was written by "
-                             "a newer or different program.")
-        return cls(**data)
+        return config_from_dict(cls, data, "model settings")
 
     @classmethod
     def tiny(cls, **overrides) -> "ModelConfig":
@@ -94,6 +89,15 @@ class ModelConfig:
                                     attention_downsample=(2,), num_heads=2, norm_groups=4))
         base.update(overrides)
         return cls(**base)
+
+
+def config_from_dict(cls, data: dict, what: str):
+    """Build a config dataclass from saved JSON, refusing settings it does not know."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Unknown {what} {unknown}: the checkpoint was written by a newer or "
+                         "different program.")
+    return cls(**data)
 
 
 # ---- AF normalisation (per image, so every tile of one image is normalised alike) -------------
