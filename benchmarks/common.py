@@ -57,7 +57,7 @@ def load_benchmark_model(args):
 
     from napari_vstain.engine.checkpoint import default_checkpoint, load_model
     from napari_vstain.engine.devices import prepare_model
-    from napari_vstain.engine.model import ModelConfig, VStainModel
+    from napari_vstain.engine.model import VStainModel
 
     if args.tiny:
         torch.manual_seed(0)

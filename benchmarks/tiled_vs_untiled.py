@@ -1,5 +1,6 @@
 """Tiled against untiled: held-out images stained whole (one tile) and by overlapping tiles of
-the model's training size, with the deterministic sampler (eta = 0) and the same seed.
+the model's training size (and twice that), with the deterministic sampler (eta = 0) and the
+same seed; and how visible the tile borders are (tiling.seam_energy_ratio).
 
     python benchmarks/tiled_vs_untiled.py [--quick] [--tiny] [--checkpoint FILE]
 """
@@ -25,12 +26,13 @@ def main(argv=None) -> int:
 
     from napari_vstain import metrics
     from napari_vstain.engine.inference import StainSettings
-    from napari_vstain.engine.tiling import minimum_tile, plan_tiles, stain_tiled
+    from napari_vstain.engine.tiling import (minimum_tile, plan_tiles, seam_energy_ratio,
+                                             stain_tiled)
 
     model, model_text = common.load_benchmark_model(args)
     cfg = model.config
     tile = minimum_tile(cfg)
-    pairs = common.held_out_pairs(1 if args.quick else 2, factor=cfg.factor)
+    pairs = common.held_out_pairs(1 if args.quick else 4, factor=cfg.factor)
     settings = StainSettings(sampler="fast", steps=args.steps, eta=0.0, samples=1, seed=0)
     rows = []
     for pair in pairs:
@@ -40,19 +42,23 @@ def main(argv=None) -> int:
         entry = {"pair": pair["name"], "output_px": whole_side,
                  "untiled_seconds": whole_time.seconds,
                  "untiled_ssim_to_target": metrics.ssim_rgb(whole.rgb, pair["target"])}
-        for overlap in (0.25, 0.5):
-            plan = plan_tiles(pair["af"].shape, cfg, tile, overlap)
-            with common.Stopwatch() as tiled_time:
-                tiled = stain_tiled(model, pair["af"], settings, tile=tile, overlap=overlap)
-            key = f"overlap_{overlap:g}"
-            entry[key] = {"tiles": plan.count, "seconds": tiled_time.seconds,
-                          "psnr_to_untiled": metrics.psnr(tiled.rgb, whole.rgb),
-                          "ssim_to_untiled": metrics.ssim_rgb(tiled.rgb, whole.rgb),
-                          "ssim_to_target": metrics.ssim_rgb(tiled.rgb, pair["target"]),
-                          "max_abs_difference_levels":
-                              int(np.abs(tiled.rgb.astype(int) - whole.rgb).max())}
-            print(f"{pair['name']} overlap {overlap}: PSNR to untiled "
-                  f"{entry[key]['psnr_to_untiled']:.1f} dB", file=sys.stderr)
+        for tile_px in (tile, 2 * tile):
+            for overlap in (0.25, 0.5):
+                plan = plan_tiles(pair["af"].shape, cfg, tile_px, overlap)
+                with common.Stopwatch() as tiled_time:
+                    tiled = stain_tiled(model, pair["af"], settings, tile=tile_px,
+                                        overlap=overlap)
+                key = f"tile_{tile_px}_overlap_{overlap:g}"
+                entry[key] = {"tile_px": tile_px, "overlap": overlap, "tiles": plan.count,
+                              "seconds": tiled_time.seconds,
+                              "psnr_to_untiled": metrics.psnr(tiled.rgb, whole.rgb),
+                              "ssim_to_untiled": metrics.ssim_rgb(tiled.rgb, whole.rgb),
+                              "ssim_to_target": metrics.ssim_rgb(tiled.rgb, pair["target"]),
+                              "max_abs_difference_levels":
+                                  int(np.abs(tiled.rgb.astype(int) - whole.rgb).max()),
+                              "seam_energy_ratio": seam_energy_ratio(tiled.rgb, plan)}
+                print(f"{pair['name']} tile {tile_px} overlap {overlap}: PSNR to untiled "
+                      f"{entry[key]['psnr_to_untiled']:.1f} dB", file=sys.stderr)
         rows.append(entry)
     record = {"benchmark": "tiled_vs_untiled", "command": common.command_line(),
               "machine": common.machine(), "model": model_text, "tile_px": tile,

@@ -85,7 +85,7 @@ def test_reader_takes_af_and_brightfield_and_declines_others(tmp_path):
     assert get_reader([str(af_path), str(rgb_path)]) is None
 
 
-def test_writer_keeps_pixel_size_and_provenance_and_never_overwrites(tmp_path):
+def test_writer_keeps_pixel_size_and_provenance_and_replaces_atomically(tmp_path, monkeypatch):
     rgb = np.random.default_rng(2).integers(0, 256, (16, 20, 3), dtype=np.uint8)
     record = {"checkpoint_hash": "abc", "seed": 3}
     meta = {"name": "x stained", "rgb": True,
@@ -95,8 +95,20 @@ def test_writer_keeps_pixel_size_and_provenance_and_never_overwrites(tmp_path):
     np.testing.assert_array_equal(image.data, rgb)
     assert image.pixel_size == pytest.approx((0.25, 0.25))
     assert read_provenance(path) == record
-    with pytest.raises(FileExistsError):
+    # napari's save dialog confirmed the replacement: the file is replaced ...
+    (path,) = write_image_layer(path, 255 - rgb, meta)
+    np.testing.assert_array_equal(read_rgb(path).data, 255 - rgb)
+    # ... atomically: a write that fails part-way leaves the old file whole, and no temporary.
+    def fail_half_way(tmp, *args, **kwargs):
+        Path(tmp).write_bytes(b"II*\x00half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", fail_half_way)
+    with pytest.raises(OSError, match="disk full"):
         write_image_layer(path, rgb, meta)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(read_rgb(path).data, 255 - rgb)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.tif"]
 
     cv = np.random.default_rng(3).random((16, 20)).astype(np.float32)
     (cv_path,) = write_image_layer(str(tmp_path / "cv.ome.tif"), cv,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from napari.utils.notifications import notification_manager
 
-from napari_vstain._napari._compare import CompareWidget
+from napari_vstain._napari._compare import OUTLINE_NAMES, CompareWidget
 from napari_vstain._napari._ground_truth_widget import GroundTruthWidget
 from napari_vstain._napari._layers import PIXEL_SIZE, PROVENANCE, ROLE
 from napari_vstain._napari._roi_export import RoiExportWidget, export_regions
@@ -371,7 +371,10 @@ def test_compare_view(stained_lung, qtbot):
     widget._stained.value = stained.name
     assert he.name in widget._truth.choices
     widget._truth.value = he.name
+    he.visible = False  # the user's own view, to be restored on leaving
+    order_before = [layer.name for layer in viewer.layers]
     widget._show_button.changed.emit(True)
+    assert [layer.name for layer in viewer.layers][:len(order_before)] != order_before
     scores = widget.last_scores
     expected = pigment_scores(pigment_mask_from_rgb(stained.data), pigment_mask_from_rgb(he.data))
     assert scores["f1"] == expected["f1"] or (np.isnan(scores["f1"]) and np.isnan(expected["f1"]))
@@ -390,6 +393,11 @@ def test_compare_view(stained_lung, qtbot):
     assert widget.show_compare()["f1"] == pytest.approx(1.0)
     widget.leave_compare()
     assert not viewer.canvas.grid.enabled
+    names = [layer.name for layer in viewer.layers]
+    assert names[:len(order_before)] == order_before  # the user's order, outlines on top
+    assert sorted(names[len(order_before):]) == sorted(OUTLINE_NAMES.values())
+    assert not he.visible and stained.visible
+    assert not any(viewer.layers[name].visible for name in OUTLINE_NAMES.values())
     # without a CV layer the grid keeps its (image, outline) pairs, one cell fewer
     viewer.layers.remove(f"{af.name} CV")
     assert widget.show_compare() is not None

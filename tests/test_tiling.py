@@ -7,13 +7,11 @@ import torch
 from napari_vstain.engine import samplers, tiling
 from napari_vstain.engine.devices import (autocast_context, describe_device, prepare_model,
                                           resolve_device)
-from napari_vstain.engine.inference import (StainSettings, stain_samples,
-                                            summarise_samples)
-from napari_vstain.engine.model import (ModelConfig, VStainModel, af_statistics,
-                                        normalise_af)
-from napari_vstain.engine.tiling import (NoiseField, OmeTiffWriter, blend_window, check_tile,
+from napari_vstain.engine.inference import NoiseField, StainSettings, stain_image
+from napari_vstain.engine.model import ModelConfig, VStainModel, af_statistics
+from napari_vstain.engine.tiling import (OmeTiffWriter, blend_window, check_tile,
                                          cv_from_mean_and_variance, minimum_tile, plan_tiles,
-                                         stain_tiled)
+                                         seam_energy_ratio, stain_tiled)
 
 CROP = 48  # training crop (target pixels) of the test model: tiles of 12 x 12 AF pixels
 
@@ -53,13 +51,8 @@ DETERMINISTIC = StainSettings(sampler="fast", steps=4, eta=0.0, samples=2, seed=
 
 
 def untiled_reference(model, af, settings):
-    """The engine's own untiled path (stain_samples on the whole image) with the same
-    global noise field."""
-    field = NoiseField(settings.seed)
-    norm = normalise_af(af, af_statistics(af, model.config))
-    samples = stain_samples(model, torch.from_numpy(norm)[None], settings,
-                            noise_factory=lambda idx: field.source([(i, 0, 0) for i in idx]))
-    return summarise_samples(samples, settings)
+    """The engine's untiled path: the whole image through the network in one piece."""
+    return stain_image(model, af, settings)
 
 
 # ---- geometry ----------------------------------------------------------------------------
@@ -68,7 +61,8 @@ def test_plan_covers_the_image_with_overlap():
     cfg = ModelConfig.tiny(train_crop=CROP)
     plan = plan_tiles((4, 40, 30), cfg, tile=48, overlap=0.25)
     assert plan.tile_af == (12, 12) and plan.tile == (48, 48)
-    assert plan.rows == (0, 9, 18, 27, 28) and plan.cols == (0, 9, 18)  # 25 % of 12 = 3
+    # steps of at most 9 (25 % of 12 is 3), spread evenly to the last border
+    assert plan.rows == (0, 7, 14, 21, 28) and plan.cols == (0, 9, 18)
     covered = np.zeros((40, 30), int)
     for r in plan.rows:
         for c in plan.cols:
@@ -169,38 +163,26 @@ def test_result_does_not_depend_on_tile_size(model):
     assert psnr(by_tile[0], by_tile[2]) >= 40.0
 
 
-def _border_gradient_energy_ratio(image: np.ndarray, edges: list, factor: int = 4) -> float:
-    """Mean squared step between neighbouring columns at tile edges / at the other columns of
-    the same sub-pixel phase (the pixel-shuffle upsampling gives each phase its own
-    statistics; tile edges always fall on phase 0). 1.0: no seam."""
-    gray = image.astype(float).mean(axis=-1)
-    energy = (np.diff(gray, axis=1) ** 2).mean(axis=0)  # energy[x - 1]: between x - 1 and x
-    columns = np.arange(1, gray.shape[1])
-    at_edges = np.isin(columns, edges)
-    same_phase = columns % factor == 0
-    return float(energy[at_edges].mean() / energy[same_phase & ~at_edges].mean())
-
-
-def _tile_edges(model, af, tile, overlap, axis) -> list:
-    plan = plan_tiles(af.shape, model.config, tile, overlap)
-    origins = plan.cols if axis == 1 else plan.rows
-    return sorted({o * 4 for o in origins} | {o * 4 + tile for o in origins})
-
-
 def test_no_seams_at_tile_borders(model, monkeypatch):
-    af = smooth_af(16, 60, seed=2)
+    af = smooth_af(40, 40, seed=2)
+    plan = plan_tiles(af.shape, model.config)
+    assert plan.cols == plan.rows == (0, 7, 14, 21, 28)  # evenly spread
     # one network call from x_T = y: a noise-free, structured model output
     settings = StainSettings(sampler="fast", steps=1, eta=0.0, samples=1, seed=5)
-    rgb = stain_tiled(model, af, settings).rgb
-    across_columns = _border_gradient_energy_ratio(rgb, _tile_edges(model, af, CROP, 0.25, 1))
-    across_rows = _border_gradient_energy_ratio(np.swapaxes(rgb, 0, 1),
-                                                _tile_edges(model, af, CROP, 0.25, 0))
-    assert abs(across_columns - 1.0) <= 0.10 and abs(across_rows - 1.0) <= 0.10
+    ratios = seam_energy_ratio(stain_tiled(model, af, settings).rgb, plan)
+    assert abs(ratios["columns"] - 1.0) <= 0.10 and abs(ratios["rows"] - 1.0) <= 0.10
 
     # The measure does see seams: tiles stitched edge to edge, without overlap or blending.
     monkeypatch.setattr(tiling, "blend_window", lambda h, w, kind="gaussian": np.ones((h, w)))
-    stitched = stain_tiled(model, af, settings, overlap=0.0).rgb
-    assert abs(_border_gradient_energy_ratio(stitched, [48, 96, 144, 192]) - 1.0) > 0.10
+    edge_to_edge = smooth_af(36, 36, seed=2)  # three tiles of 12 AF px per side exactly
+    stitched = stain_tiled(model, edge_to_edge, settings, overlap=0.0).rgb
+    stitched_plan = plan_tiles(edge_to_edge.shape, model.config, overlap=0.0)
+    assert stitched_plan.cols == (0, 12, 24)
+    stitched_ratios = seam_energy_ratio(stitched, stitched_plan)
+    assert min(abs(r - 1.0) for r in stitched_ratios.values()) > 0.10
+    # a single tile has no interior border to measure
+    assert np.isnan(seam_energy_ratio(stitched[:48, :48], plan_tiles((12, 12), model.config))
+                    ["rows"])
 
 
 def test_batching_does_not_change_the_result(model):

@@ -148,7 +148,7 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
         + f"pigment F1 {_fmt(pigment.get('f1'))} "
         f"(precision {_fmt(pigment.get('precision'))}, recall {_fmt(pigment.get('recall'))})")
     say(f"  target: {registration}")
-    say(f"  simulated data: these numbers show the software works, not real-tissue accuracy.")
+    say("  simulated data: these numbers show the software works, not real-tissue accuracy.")
     say(f"Wrote {out}/: stained.ome.tif, stained.png, cv.ome.tif, cv.png, target.png, "
         "af.ome.tif, figure.png, metrics.json")
     return metrics

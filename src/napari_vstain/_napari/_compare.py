@@ -100,14 +100,15 @@ class CompareWidget(Container):
             self._scores_info.value = self.last_message = str(error)
             show_error(str(error))
             return None
+        if self._saved_view is None:  # remember the user's view once, for "Leave"
+            grid = viewer.canvas.grid
+            self._saved_view = {"visible": {layer.name: layer.visible for layer in viewer.layers},
+                                "order": [layer.name for layer in viewer.layers],
+                                "stride": grid.stride, "shape": grid.shape}
         outlines = {}
         for (kind, cell), name in OUTLINE_NAMES.items():
             mask = predicted if kind == "stained" else true
             outlines[(kind, cell)] = self._put_outline(name, mask, kind, stained)
-        if self._saved_view is None:  # remember the user's view once, for "Leave"
-            grid = viewer.canvas.grid
-            self._saved_view = {"visible": {layer.name: layer.visible for layer in viewer.layers},
-                                "stride": grid.stride, "shape": grid.shape}
         cells = [(truth, ("ground_truth", "ground_truth")), (cv, ("stained", "cv")),
                  (stained, ("stained", "stained")), (inputs, ("ground_truth", "input"))]
         shown = []  # (image, outline) pairs from the bottom; a missing input or CV: no cell
@@ -129,7 +130,8 @@ class CompareWidget(Container):
         return scores
 
     def leave_compare(self):
-        """Grid off; the layers' visibility as before the compare view."""
+        """Grid off; the layers' order and visibility as before the compare view (the pigment
+        outlines it added stay, on top and hidden)."""
         viewer = self._viewer
         viewer.canvas.grid.enabled = False
         saved, self._saved_view = self._saved_view, None
@@ -137,8 +139,12 @@ class CompareWidget(Container):
             viewer.canvas.grid.stride = saved["stride"]
             viewer.canvas.grid.shape = saved["shape"]
             for layer in viewer.layers:
-                if layer.name in saved["visible"]:
-                    layer.visible = saved["visible"][layer.name]
+                layer.visible = saved["visible"].get(layer.name, False)
+            present = [layer.name for layer in viewer.layers]
+            order = ([name for name in saved["order"] if name in present]
+                     + [name for name in present if name not in saved["order"]])
+            for position, name in enumerate(order):  # positions below are already in place
+                viewer.layers.move(viewer.layers.index(name), position)
         self._leave_button.enabled = False
 
     def _compare_layers(self) -> tuple:

@@ -2,8 +2,9 @@
 (napari's own TIFF writer drops them). RGB layers are written as (Y, X, 3) uint8, 2-D layers
 (the CV map) as float32 maps, (C, Y, X) layers as AF stacks.
 
-The writer never replaces an existing file: napari gives no way to ask, so it refuses with
-a message instead (choose a new name or delete the old file).
+Replacing an existing file: napari's save dialog has already asked the user to confirm it,
+so the writer replaces the file, atomically (written to a temporary file first), so a failed
+write leaves the old file as it was and never leaves half a file.
 """
 
 from __future__ import annotations
@@ -40,5 +41,5 @@ def write_image_layer(path: str, data, meta: dict) -> list:
                          "napari-vstain writes 2-D images, (C, Y, X) stacks and RGB images.")
     written = write_ome_tiff(path, array, axes, pixel_size=metadata.get(PIXEL_SIZE),
                              channel_names=channel_names,
-                             provenance=metadata.get(PROVENANCE) or None)
+                             provenance=metadata.get(PROVENANCE) or None, overwrite=True)
     return [str(written)]

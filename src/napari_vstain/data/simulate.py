@@ -342,8 +342,11 @@ def _lung_components(rng, shape, pixel_um):
         for centre in _random_points(rng, near_vessel, 1):
             _pigment_cluster(rng, comps, centre, rng.uniform(8, 14) * um, rng.integers(60, 150))
 
-    tissue = np.clip(septum + vessel_wall + comps["rbc"] + comps["nucleus"], 0, 1)
-    comps["pigment"] = np.clip(comps["pigment"], 0, 1) * np.clip(tissue + 0.6, 0, 1)
+    # Carbon lies inside cells and interstitium (it is phagocytosed), never loose over air: keep
+    # only the granules that landed on tissue or on a macrophage. Over air it would also have
+    # nothing to absorb, so no AF could show it.
+    tissue = np.clip(septum + vessel_wall + comps["cytoplasm"] + comps["nucleus"], 0, 1)
+    comps["pigment"] = np.clip(comps["pigment"], 0, 1) * tissue
     _finish(comps)
     return comps
 
@@ -378,7 +381,6 @@ def _heart_components(rng, shape, pixel_um):
     # Cell ends: intercalated discs across the fibre, staggered (step-like) positions.
     lengths = rng.uniform(60, 110, len(widths)) * um
     offsets = rng.uniform(0, 1, len(widths)) * lengths
-    cell_pos = (u - offsets[fibre]) / lengths[fibre]
     step = 1.2 * um * np.sign(np.sin((v - lo) / (2.5 * um) + fibre))
     disc_dist = np.abs(((u + step - offsets[fibre]) / lengths[fibre] + 0.5) % 1.0 - 0.5) \
         * lengths[fibre]

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .model import VStainModel, af_statistics, model_to_rgb, normalise_af, sample_generator
+from .model import VStainModel, af_statistics, model_to_rgb, normalise_af
 from .samplers import SAMPLERS, coefficient_of_variation, network_calls, run_sampler
+
+NOISE_BLOCK = 64  # side (target pixels) of the independently seeded blocks of the noise field
 
 
 @dataclass
@@ -54,8 +56,9 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
     """N samples for one normalised AF tile (1, C, h, w): returns (N, 3, k h, k w) in [-1, 1].
 
     Samples go through the network in batches of `batch_size` (default: all N at once).
-    Sample i always draws its noise from (seed, i), so batching does not change the result.
-    `noise_factory(sample_indices) -> noise source` overrides the noise (tiling uses it).
+    Sample i draws its noise from the field `NoiseField(seed)` at the tile's origin, so
+    batching does not change the result, and the whole image is the same as tiles of it.
+    `noise_factory(sample_indices) -> noise source` overrides the origin (tiling uses it).
     """
     cfg = model.config
     settings.validate(cfg.num_steps)
@@ -70,7 +73,7 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
             y = y_one.expand(len(chunk), *y_one.shape[1:])
             af_batch = af.expand(len(chunk), *af.shape[1:])
             noise = (noise_factory(chunk) if noise_factory is not None
-                     else _per_sample_noise(settings.seed, chunk))
+                     else NoiseField(settings.seed).source([(i, 0, 0) for i in chunk]))
             offset = chunk_number * calls
 
             def progress(done, _total, offset=offset):
@@ -84,17 +87,56 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
     return torch.cat(outputs)
 
 
-def _per_sample_noise(seed: int, indices: list):
-    generators = {}
+# ---- the noise: one global field per sample and network call ------------------------------------------------------------------
 
-    def draw(_call_index, like):
-        parts = []
-        for row, i in enumerate(indices):
-            gen = generators.setdefault(i, sample_generator(seed, i))
-            parts.append(torch.randn(like.shape[1:], generator=gen))
-        return torch.stack(parts).to(device=like.device, dtype=like.dtype)
+class NoiseField:
+    """One Gaussian noise field per (sample, network call) over the target-pixel plane,
+    generated block by block, so any crop can be produced alone and every crop of the same
+    pixels is identical. Blocks are cached only within one network call."""
 
-    return draw
+    def __init__(self, seed: int, channels: int = 3, block: int = NOISE_BLOCK):
+        self.seed, self.channels, self.block = int(seed), int(channels), int(block)
+
+    def block_noise(self, sample: int, call: int, block_row: int, block_col: int):
+        state = np.random.SeedSequence(
+            [self.seed, int(sample), int(call), int(block_row), int(block_col)]
+        ).generate_state(2, np.uint64)
+        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+        return torch.randn((self.channels, self.block, self.block), generator=generator)
+
+    def crop(self, sample: int, call: int, top: int, left: int, height: int, width: int,
+             cache: Optional[dict] = None):
+        """The field's pixels [top, top + height) x [left, left + width): (channels, h, w)."""
+        if top < 0 or left < 0:
+            raise ValueError("Noise field crops start at non-negative target pixels.")
+        b = self.block
+        cache = {} if cache is None else cache
+        out = torch.empty((self.channels, height, width))
+        for block_row in range(top // b, (top + height - 1) // b + 1):
+            for block_col in range(left // b, (left + width - 1) // b + 1):
+                key = (sample, call, block_row, block_col)
+                if key not in cache:
+                    cache[key] = self.block_noise(*key)
+                y0, x0 = max(top, block_row * b), max(left, block_col * b)
+                y1 = min(top + height, (block_row + 1) * b)
+                x1 = min(left + width, (block_col + 1) * b)
+                out[:, y0 - top:y1 - top, x0 - left:x1 - left] = \
+                    cache[key][:, y0 - block_row * b:y1 - block_row * b,
+                               x0 - block_col * b:x1 - block_col * b]
+        return out
+
+    def source(self, regions: list) -> Callable:
+        """A sampler noise source (call_index, like) -> noise for a batch whose row i is
+        sample regions[i][0] of the tile with target-pixel origin regions[i][1:]."""
+        def draw(call_index: int, like):
+            cache: dict = {}
+            height, width = like.shape[-2:]
+            crops = [self.crop(sample, call_index, top, left, height, width, cache)
+                     for sample, top, left in regions]
+            return torch.stack(crops).to(device=like.device, dtype=like.dtype)
+
+        return draw
+
 
 
 @dataclass

@@ -49,8 +49,9 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
-            self.unet = UNetConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                      for k, v in self.unet.items()})
+            self.unet = config_from_dict(UNetConfig, {k: tuple(v) if isinstance(v, list) else v
+                                                      for k, v in self.unet.items()},
+                                         "U-Net settings")
         self.af_percentiles = tuple(self.af_percentiles)
         expected_in = 6 + (self.af_channels if self.unet_sees_af else 0)
         if self.unet.in_channels != expected_in:
@@ -139,13 +140,6 @@ def model_to_rgb(x) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().float().cpu().numpy()
     return np.clip(np.round((np.moveaxis(x, 0, -1) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def sample_generator(seed: int, sample_index: int, device="cpu") -> torch.Generator:
-    """The noise stream of sample i of a run with `seed`: independent of how samples are
-    batched, so N samples in one batch equal N runs one after another."""
-    state = np.random.SeedSequence([int(seed), int(sample_index)]).generate_state(2, np.uint64)
-    return torch.Generator(device=device).manual_seed(int(state[0] >> np.uint64(1)))
 
 
 class VStainModel(nn.Module):

@@ -1,9 +1,14 @@
 """Tiled inference: stain AF images of any size with bounded memory and no seams.
 
 How the result is kept independent of where tile borders fall:
-- Tiles have the model's training size (GroupNorm statistics depend on the tile size) and
-  overlap (default 25 %); overlapping predictions are blended with a Gaussian window
-  (sigma = 0.125 x tile), and the weights are normalised per pixel.
+- Tiles have (by default) the model's training size and overlap (default 25 %); overlapping
+  predictions are blended with a Gaussian window (sigma = 0.125 x tile), and the weights are
+  normalised per pixel.
+- The network itself must be local for tiles to agree with the whole image. The demo model
+  is: per-pixel normalisation and neighbourhood attention (unet.py), so a tile differs from
+  the whole image only through the zero padding at its border, which the blending window
+  weights down. A U-Net with GroupNorm and global attention (the authors' layout) normalises
+  and attends over whatever it is given, so its tiles differ from its whole image more.
 - The AF image is normalised once, by statistics of the whole image (`af_statistics`), and
   each tile is normalised with them (`normalise_af`), so tiles share one intensity scale.
 - Every sample uses ONE global noise field per network call. The field is defined block by
@@ -29,14 +34,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
-from .inference import StainResult, StainSettings
+from .inference import NoiseField, StainResult, StainSettings
 from .model import af_statistics, model_to_rgb, normalise_af
 
-NOISE_BLOCK = 64  # side (target pixels) of the independently seeded blocks of the noise field
 DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.75
 CV_EPS = 1e-6  # as in samplers.coefficient_of_variation
@@ -57,7 +61,7 @@ def tile_unit(config) -> int:
 
 def minimum_tile(config) -> int:
     """The smallest tile (target pixels): the training crop, rounded up to a valid size.
-    Smaller tiles would change the network's normalisation statistics."""
+    The network has never seen less context than that."""
     unit = tile_unit(config)
     return max(unit, -(-config.train_crop // unit) * unit)
 
@@ -111,12 +115,12 @@ class TilePlan:
 
 
 def _origins(length: int, tile: int, stride: int) -> tuple:
+    """As few tiles as a step of at most `stride` needs, spread evenly from the first border
+    to the last (so no tile overlaps its neighbour much more than the others do)."""
     if length <= tile:
         return (0,)
-    origins = list(range(0, length - tile + 1, stride))
-    if origins[-1] != length - tile:
-        origins.append(length - tile)  # the last tile ends at the image border
-    return tuple(origins)
+    count = -(-(length - tile) // stride) + 1
+    return tuple(int(round(i * (length - tile) / (count - 1))) for i in range(count))
 
 
 def plan_tiles(af_shape, config, tile: Optional[int] = None,
@@ -140,6 +144,30 @@ def plan_tiles(af_shape, config, tile: Optional[int] = None,
     return TilePlan((height, width), tile_af, origins[0], origins[1], k)
 
 
+def seam_energy_ratio(rgb: np.ndarray, plan: TilePlan) -> dict:
+    """How much a tiled image (H, W, 3) changes across tile borders, against elsewhere.
+
+    Per axis: the mean squared step between neighbouring pixels at the interior tile borders,
+    divided by that at the other positions of the same sub-pixel phase (the upsampling gives
+    each phase of the factor k its own statistics; tile borders always fall on phase 0).
+    1.0: no seam. Returns {"columns": ratio across vertical borders, "rows": ...}; NaN for
+    an axis without interior borders."""
+    gray = np.asarray(rgb, float).mean(axis=-1)
+    ratios = {}
+    for name, axis, origins in (("columns", 1, plan.cols), ("rows", 0, plan.rows)):
+        tile = plan.tile[axis]
+        borders = {o * plan.factor for o in origins} | {o * plan.factor + tile for o in origins}
+        steps = (np.diff(gray, axis=axis) ** 2).mean(axis=1 - axis)  # [i - 1]: i - 1 to i
+        positions = np.arange(1, gray.shape[axis])
+        at_border = np.isin(positions, sorted(borders))
+        if not at_border.any():
+            ratios[name] = float("nan")
+            continue
+        same_phase = positions % plan.factor == 0
+        ratios[name] = float(steps[at_border].mean() / steps[same_phase & ~at_border].mean())
+    return ratios
+
+
 def blend_window(height: int, width: int, kind: str = "gaussian") -> np.ndarray:
     """Blending weights for one tile (height, width), float64, peak 1 at the centre:
     'gaussian' (sigma = 0.125 x side, as MONAI's sliding window) or 'cosine' (a raised
@@ -154,63 +182,6 @@ def blend_window(height: int, width: int, kind: str = "gaussian") -> np.ndarray:
         raise ValueError(f"Unknown blending window {kind!r}; choose gaussian or cosine.")
 
     return np.outer(profile(height), profile(width))
-
-
-# ---- the global noise field ------------------------------------------------------------------
-
-class NoiseField:
-    """One Gaussian noise field per (sample, network call) over the target-pixel plane,
-    generated block by block, so any crop can be produced alone and every crop of the same
-    pixels is identical. Blocks are cached only within one network call."""
-
-    def __init__(self, seed: int, channels: int = 3, block: int = NOISE_BLOCK):
-        self.seed, self.channels, self.block = int(seed), int(channels), int(block)
-
-    def block_noise(self, sample: int, call: int, block_row: int, block_col: int):
-        import torch
-
-        state = np.random.SeedSequence(
-            [self.seed, int(sample), int(call), int(block_row), int(block_col)]
-        ).generate_state(2, np.uint64)
-        generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-        return torch.randn((self.channels, self.block, self.block), generator=generator)
-
-    def crop(self, sample: int, call: int, top: int, left: int, height: int, width: int,
-             cache: Optional[dict] = None):
-        """The field's pixels [top, top + height) x [left, left + width): (channels, h, w)."""
-        import torch
-
-        if top < 0 or left < 0:
-            raise ValueError("Noise field crops start at non-negative target pixels.")
-        b = self.block
-        cache = {} if cache is None else cache
-        out = torch.empty((self.channels, height, width))
-        for block_row in range(top // b, (top + height - 1) // b + 1):
-            for block_col in range(left // b, (left + width - 1) // b + 1):
-                key = (sample, call, block_row, block_col)
-                if key not in cache:
-                    cache[key] = self.block_noise(*key)
-                y0, x0 = max(top, block_row * b), max(left, block_col * b)
-                y1 = min(top + height, (block_row + 1) * b)
-                x1 = min(left + width, (block_col + 1) * b)
-                out[:, y0 - top:y1 - top, x0 - left:x1 - left] = \
-                    cache[key][:, y0 - block_row * b:y1 - block_row * b,
-                               x0 - block_col * b:x1 - block_col * b]
-        return out
-
-    def source(self, regions: list) -> Callable:
-        """A sampler noise source (call_index, like) -> noise for a batch whose row i is
-        sample regions[i][0] of the tile with target-pixel origin regions[i][1:]."""
-        import torch
-
-        def draw(call_index: int, like):
-            cache: dict = {}
-            height, width = like.shape[-2:]
-            crops = [self.crop(sample, call_index, top, left, height, width, cache)
-                     for sample, top, left in regions]
-            return torch.stack(crops).to(device=like.device, dtype=like.dtype)
-
-        return draw
 
 
 # ---- accumulating blended tiles --------------------------------------------------------------

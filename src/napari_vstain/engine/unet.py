@@ -27,6 +27,19 @@ class UNetConfig:
     num_heads: int = 4
     norm_groups: int = 32
     dropout: float = 0.0
+    # "group": GroupNorm statistics over the whole image (the authors' layout). "pixel":
+    # normalise each pixel's channels, so no statistic depends on the image's extent.
+    norm: str = "group"
+    # 0: every pixel attends to every other (the authors'). k > 0: to its k x k neighbourhood
+    # only. With norm="pixel" and k > 0 the network is local: tiles agree with the whole image.
+    attention_window: int = 0
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"Unknown U-Net norm {self.norm!r}; use one of {sorted(NORMS)}.")
+        if self.attention_window < 0 or (self.attention_window and self.attention_window % 2 == 0):
+            raise ValueError(f"attention_window must be 0 (global) or an odd number of pixels; "
+                             f"got {self.attention_window}.")
 
     @classmethod
     def authors(cls) -> "UNetConfig":
@@ -58,9 +71,32 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def _norm(channels: int, groups: int) -> GroupNorm32:
-    groups = math.gcd(groups, channels)
-    return GroupNorm32(groups, channels)
+class PixelNorm(nn.Module):
+    """Layer norm over the channels of each pixel (in float32), with GroupNorm's parameters.
+    Unlike GroupNorm it uses no spatial statistics, so a tile is normalised as it would be
+    inside the whole image."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        h = x.float()
+        var, mean = torch.var_mean(h, dim=1, unbiased=False, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + self.eps)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return (h * self.weight.view(shape) + self.bias.view(shape)).type(x.dtype)
+
+
+NORMS = ("group", "pixel")
+
+
+def _norm(channels: int, groups: int, kind: str = "group") -> nn.Module:
+    if kind == "pixel":
+        return PixelNorm(channels)
+    return GroupNorm32(math.gcd(groups, channels), channels)
 
 
 def _zero(module: nn.Module) -> nn.Module:
@@ -70,12 +106,12 @@ def _zero(module: nn.Module) -> nn.Module:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels, emb_channels, out_channels, groups, dropout):
+    def __init__(self, channels, emb_channels, out_channels, groups, dropout, norm="group"):
         super().__init__()
-        self.in_layers = nn.Sequential(_norm(channels, groups), nn.SiLU(),
+        self.in_layers = nn.Sequential(_norm(channels, groups, norm), nn.SiLU(),
                                        nn.Conv2d(channels, out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
-        self.out_layers = nn.Sequential(_norm(out_channels, groups), nn.SiLU(),
+        self.out_layers = nn.Sequential(_norm(out_channels, groups, norm), nn.SiLU(),
                                         nn.Dropout(dropout),
                                         _zero(nn.Conv2d(out_channels, out_channels, 3, padding=1)))
         self.skip_connection = (nn.Identity() if channels == out_channels
@@ -89,15 +125,33 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
-class AttentionBlock(nn.Module):
-    """Multi-head self-attention over all pixels (qkv laid out per head, as improved-diffusion)."""
+def neighbourhood_attention(q, k, v, window: int):
+    """Attention of each pixel to the window x window pixels around it (those inside the image).
 
-    def __init__(self, channels, num_heads, groups):
+    q, k, v: (B, d, H, W). Returns (B, d, H, W). Keys outside the image are masked out, so a
+    pixel at a tile border attends to what the tile holds, as a convolution sees zeros there."""
+    b, d, h, w = q.shape
+    pad = window // 2
+    keys = F.unfold(k, window, padding=pad).view(b, d, window * window, h * w)
+    values = F.unfold(v, window, padding=pad).view(b, d, window * window, h * w)
+    inside = F.unfold(torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device), window,
+                      padding=pad).view(1, window * window, h * w) > 0
+    logits = torch.einsum("bdn,bdkn->bkn", q.reshape(b, d, h * w), keys) / math.sqrt(d)
+    weights = logits.masked_fill(~inside, float("-inf")).softmax(dim=1)
+    return torch.einsum("bkn,bdkn->bdn", weights, values).view(b, d, h, w)
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head self-attention (qkv laid out per head, as improved-diffusion) over all pixels,
+    or over each pixel's `window` x `window` neighbourhood."""
+
+    def __init__(self, channels, num_heads, groups, norm="group", window=0):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"{channels} channels do not split into {num_heads} heads.")
         self.num_heads = num_heads
-        self.norm = _norm(channels, groups)
+        self.window = window
+        self.norm = _norm(channels, groups, norm)
         self.qkv = nn.Conv1d(channels, 3 * channels, 1)
         self.proj_out = _zero(nn.Conv1d(channels, channels, 1))
 
@@ -107,9 +161,14 @@ class AttentionBlock(nn.Module):
         qkv = self.qkv(self.norm(flat))
         # Per head: [q; k; v] blocks of c // heads channels each.
         q, k, v = qkv.reshape(b * self.num_heads, 3 * c // self.num_heads, h * w).chunk(3, dim=1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                             v.transpose(1, 2))
-        out = out.transpose(1, 2).reshape(b, c, h * w)
+        if self.window:
+            q, k, v = (part.reshape(b * self.num_heads, c // self.num_heads, h, w)
+                       for part in (q, k, v))
+            out = neighbourhood_attention(q, k, v, self.window).reshape(b, c, h * w)
+        else:
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2))
+            out = out.transpose(1, 2).reshape(b, c, h * w)
         return x + self.proj_out(out).reshape(b, c, h, w)
 
 
@@ -150,10 +209,11 @@ class UNet(nn.Module):
                                         nn.Linear(emb_ch, emb_ch))
 
         def res(cin, cout):
-            return ResBlock(cin, emb_ch, cout, cfg.norm_groups, cfg.dropout)
+            return ResBlock(cin, emb_ch, cout, cfg.norm_groups, cfg.dropout, cfg.norm)
 
         def attn(c):
-            return AttentionBlock(c, cfg.num_heads, cfg.norm_groups)
+            return AttentionBlock(c, cfg.num_heads, cfg.norm_groups, cfg.norm,
+                                  cfg.attention_window)
 
         self.input_blocks = nn.ModuleList(
             [TimestepSequential(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))])
@@ -187,7 +247,7 @@ class UNet(nn.Module):
                     downsample //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
 
-        self.out = nn.Sequential(_norm(current, cfg.norm_groups), nn.SiLU(),
+        self.out = nn.Sequential(_norm(current, cfg.norm_groups, cfg.norm), nn.SiLU(),
                                  _zero(nn.Conv2d(current, cfg.out_channels, 3, padding=1)))
 
     def forward(self, x, t):
