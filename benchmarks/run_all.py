@@ -88,8 +88,9 @@ def _quality_section(record: dict) -> list:
 
 def _tiled_section(record: dict) -> list:
     lines = ["## Tiled against untiled", "",
-             f"Model: {record['model']}; default tiles of {record['tile_px']} px (the "
-             f"training crop); {record['sampler']}; {record['data']}. Seam ratio: mean squared "
+             f"Model: {record['model']}; training crop {record['tile_px']} px, default tile "
+             f"{record['default_tile_px']} px (tiling.default_tile); {record['sampler']}; "
+             f"{record['data']}. Seam ratio: mean squared "
              "step across tile borders / elsewhere (1.0: no seam), across columns / rows.", "",
              "| image | tile px | overlap | tiles | PSNR to untiled (dB) | SSIM to untiled | "
              "max diff (levels) | seam ratio | SSIM to target (tiled / untiled) | "
@@ -106,7 +107,7 @@ def _tiled_section(record: dict) -> list:
                          f"{seams['columns']:.2f} / {seams['rows']:.2f} | "
                          f"{t['ssim_to_target']:.4f} / {row['untiled_ssim_to_target']:.4f} | "
                          f"{t['seconds']:.1f} / {row['untiled_seconds']:.1f} |")
-            if t["tile_px"] == record["tile_px"] and t["overlap"] == 0.25:
+            if t["tile_px"] == record["default_tile_px"] and t["overlap"] == 0.25:
                 default_runs.append(t)
     worst_psnr = min(t["psnr_to_untiled"] for t in default_runs)
     worst_seam = max(abs(r - 1.0) for t in default_runs

@@ -26,8 +26,8 @@ def main(argv=None) -> int:
 
     from napari_vstain import metrics
     from napari_vstain.engine.inference import StainSettings
-    from napari_vstain.engine.tiling import (minimum_tile, plan_tiles, seam_energy_ratio,
-                                             stain_tiled)
+    from napari_vstain.engine.tiling import (default_tile, minimum_tile, plan_tiles,
+                                             seam_energy_ratio, stain_tiled)
 
     model, model_text = common.load_benchmark_model(args)
     cfg = model.config
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         rows.append(entry)
     record = {"benchmark": "tiled_vs_untiled", "command": common.command_line(),
               "machine": common.machine(), "model": model_text, "tile_px": tile,
+              "default_tile_px": default_tile(cfg),
               "sampler": f"fast, {args.steps} steps, eta 0, N = 1, seed 0",
               "data": f"held-out simulated pairs, seeds {common.HELD_OUT_SEED} on, whole "
                       "256 x 256 output", "rows": rows}

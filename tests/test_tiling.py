@@ -1,5 +1,7 @@
 """Tiled inference (engine/tiling.py) and device selection (engine/devices.py)."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,7 @@ from napari_vstain.engine.devices import (autocast_context, describe_device, pre
                                           resolve_device)
 from napari_vstain.engine.inference import NoiseField, StainSettings, stain_image
 from napari_vstain.engine.model import ModelConfig, VStainModel, af_statistics
-from napari_vstain.engine.tiling import (OmeTiffWriter, blend_window, check_tile,
+from napari_vstain.engine.tiling import (OmeTiffWriter, blend_window, check_tile, default_tile,
                                          cv_from_mean_and_variance, minimum_tile, plan_tiles,
                                          seam_energy_ratio, stain_tiled)
 
@@ -69,6 +71,17 @@ def test_plan_covers_the_image_with_overlap():
             covered[r:r + 12, c:c + 12] += 1
     assert covered.min() >= 1 and covered.max() >= 2
     assert plan.out_shape == (160, 120)
+
+
+def test_default_tile_is_twice_the_crop_only_for_a_local_unet():
+    group = ModelConfig.tiny(train_crop=CROP)
+    local = ModelConfig.tiny(train_crop=CROP, unet=dataclasses.replace(
+        group.unet, norm="pixel", attention_window=3))
+    assert not group.unet.is_local and local.unet.is_local
+    assert default_tile(group) == minimum_tile(group) == 48
+    assert default_tile(local) == 96
+    assert plan_tiles((4, 40, 40), local).tile == (96, 96)
+    assert plan_tiles((4, 40, 40), group).tile == (48, 48)
 
 
 def test_small_image_gets_a_padded_minimum_tile():

@@ -66,7 +66,7 @@ class EvaluationSettings:
     register: bool = False  # register each H&E target onto its AF (affine) before scoring
     false_colour: bool = True
     lpips: bool = True
-    tile: Optional[int] = None  # stain_tiled tile size (default: the model's training crop)
+    tile: Optional[int] = None  # stain_tiled tile size (default: tiling.default_tile)
     device: str = "cpu"
 
     def __post_init__(self):
@@ -426,7 +426,7 @@ def markdown_report(results: dict, context: Optional[dict] = None,
               f"{budget}; staining with the `{stain['sampler']}` sampler, "
               f"{stain['steps'] or 'all'} steps, t_e = {stain['t_exit']}, N = "
               f"{stain['samples']} averaged samples, seed {stain['seed']} (tiled, tile "
-              f"{ev['tile'] or 'the training crop'})."]
+              f"{ev['tile'] or 'the default of the model'})."]
     if results.get("cgan"):
         cextra = results["cgan"].get("extra") or {}
         cgan_budget = _budget_text(cextra.get("steps"), cextra.get("time_s"),
@@ -658,7 +658,7 @@ def configure_cli(parser) -> None:
     stain.add_argument("--stain-seed", type=int, default=defaults.seed,
                        help=f"noise seed (default {defaults.seed})")
     stain.add_argument("--tile", type=int, help="tile size in target px (default: the model's "
-                       "training crop)")
+                       "training crop, twice that for a local U-Net)")
     study = parser.add_argument_group("variance study")
     study.add_argument("--samplers", default="vanilla,mean,skip,fast",
                        help="samplers of the CV study, or 'none' (default all four)")

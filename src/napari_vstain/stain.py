@@ -43,7 +43,8 @@ def configure_cli(parser) -> None:
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help=f"Random seed: same seed, same image (default {defaults.seed}).")
     parser.add_argument("--tile", type=int, default=None,
-                        help="Tile side in output pixels (default: the model's training crop).")
+                        help="Tile side in output pixels (default: the model's training crop, "
+                             "twice that for a local U-Net such as the demo model's).")
     parser.add_argument("--overlap", type=float, default=0.25,
                         help="Fraction of a tile shared with its neighbours (default 0.25).")
     parser.add_argument("--device", default="auto",
@@ -99,7 +100,7 @@ def run_cli(args) -> int:
 
     # 2. Settings that depend on the model.
     from .engine.checkpoint import default_checkpoint, load_model
-    from .engine.tiling import check_tile, minimum_tile, plan_tiles
+    from .engine.tiling import check_tile, default_tile, plan_tiles
 
     checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     model = load_model(checkpoint, device="cpu")
@@ -109,7 +110,7 @@ def run_cli(args) -> int:
     settings = StainSettings(sampler=args.sampler, steps=steps, t_exit=args.t_exit,
                              eta=args.eta, samples=args.samples, seed=args.seed)
     settings.validate(cfg.num_steps)
-    tile = check_tile(cfg, args.tile) if args.tile is not None else minimum_tile(cfg)
+    tile = check_tile(cfg, args.tile) if args.tile is not None else default_tile(cfg)
 
     # 3. The image (its channel count must match the model).
     from .data.io import read_af

@@ -99,7 +99,7 @@ class StainingWidget(Container):
         self._tile = SpinBox(label="Tile (px)", min=0, max=8192, value=0,
                              tooltip="Tile side in output pixels; 0 = the model's training "
                                      "crop.")
-        self._tile.native.setSpecialValueText("model's crop")
+        self._tile.native.setSpecialValueText("model's default")
         self._keep_samples = CheckBox(text="Show the N samples as a stack", value=False)
         self._run_button = PushButton(text="Run")
         self._status = Label(value="")
@@ -194,11 +194,12 @@ class StainingWidget(Container):
         self._model_info.value = describe_model(model, path)
         self._t_exit.max = config.num_steps
         self._steps.max = config.num_steps
-        from ..engine.tiling import minimum_tile, tile_unit
+        from ..engine.tiling import default_tile, minimum_tile, tile_unit
 
         self._tile.step = tile_unit(config)
         self._tile.tooltip = (f"Tile side in output pixels (multiples of {tile_unit(config)}, "
-                              f"at least {minimum_tile(config)}); 0 = the training crop.")
+                              f"at least {minimum_tile(config)}); 0 = this model's default, "
+                              f"{default_tile(config)}.")
         return True
 
     def import_authors_weights(self, unet_pt, cnn_pt, out_path, overwrite: bool = False):

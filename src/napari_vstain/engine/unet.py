@@ -49,6 +49,13 @@ class UNetConfig:
                    attention_downsample=(16, 32), num_heads=4, norm_groups=32)
 
     @property
+    def is_local(self) -> bool:
+        """True when nothing in the network depends on the image's extent (per-pixel norm and
+        neighbourhood attention): a tile then computes what the whole image would, except
+        near its border."""
+        return self.norm == "pixel" and self.attention_window > 0
+
+    @property
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2 ** (len(self.channel_mult) - 1)
