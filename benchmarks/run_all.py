@@ -91,7 +91,8 @@ def _tiled_section(record: dict) -> list:
              f"Model: {record['model']}; training crop {record['tile_px']} px, default tile "
              f"{record['default_tile_px']} px (tiling.default_tile); {record['sampler']}; "
              f"{record['data']}. Seam ratio: mean squared "
-             "step across tile borders / elsewhere (1.0: no seam), across columns / rows.", "",
+             "step across the tile borders in the tiled image / across the same lines in the "
+             "untiled image (1.0: no seam), across columns / rows.", "",
              "| image | tile px | overlap | tiles | PSNR to untiled (dB) | SSIM to untiled | "
              "max diff (levels) | seam ratio | SSIM to target (tiled / untiled) | "
              "s (tiled / untiled) |",
@@ -115,7 +116,8 @@ def _tiled_section(record: dict) -> list:
     met = worst_psnr >= 40.0 and worst_seam <= 0.10
     return lines + ["", "Criterion (default tiles and overlap: tiled and untiled agree at PSNR "
                         ">= 40 dB, and the gradient energy across tile borders is within 10 % "
-                        f"of elsewhere): worst PSNR {worst_psnr:.1f} dB, worst seam ratio "
+                        "of that across the same lines without tiles): worst PSNR "
+                        f"{worst_psnr:.1f} dB, worst seam ratio "
                         f"off by {100 * worst_seam:.1f} %: **{'met' if met else 'not met'}**.",
                     ""]
 
@@ -170,7 +172,8 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
                ("quality_vs_calls", "tiled_vs_untiled", "samples_batching", "memory_scaling")}
     first = next((r for r in records.values() if r is not None), None)
     lines = ["# Benchmark results", "",
-             f"Command: `{command}` (each script's own command is in its JSON file).", ""]
+             "Command: `python benchmarks/run_all.py` (each script's own command, machine and "
+             f"date are in its JSON file; this summary was last written by `{command}`).", ""]
     if first is not None:
         m = first["machine"]
         lines += [f"Machine: {m['cpu']}; torch {m['torch']} with {m['torch_threads']} "
@@ -179,9 +182,16 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
                   f"average at start {m['load_average_1min_at_start']:.2f} (the CPU is shared, so "
                   "absolute times are noisy; ratios within one run are the robust numbers).",
                   ""]
+    # Wall times are kept across runs, so rerunning one script keeps the others' times.
+    times_path = folder / "wall_times.json"
+    times = json.loads(times_path.read_text()) if times_path.is_file() else {}
+    times.update(timings)
     if timings:
+        atomic_write(times_path, lambda tmp: tmp.write_text(json.dumps(times, indent=1)),
+                     overwrite=True)
+    if times:
         lines += ["Wall time: " + ", ".join(f"{k} {v / 60:.1f} min"
-                                             for k, v in timings.items()) + ".", ""]
+                                             for k, v in times.items()) + ".", ""]
     sections = (("quality_vs_calls", _quality_section), ("tiled_vs_untiled", _tiled_section),
                 ("samples_batching", _batching_section), ("memory_scaling", _memory_section))
     for name, section in sections:

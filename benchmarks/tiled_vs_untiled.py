@@ -56,7 +56,8 @@ def main(argv=None) -> int:
                               "ssim_to_target": metrics.ssim_rgb(tiled.rgb, pair["target"]),
                               "max_abs_difference_levels":
                                   int(np.abs(tiled.rgb.astype(int) - whole.rgb).max()),
-                              "seam_energy_ratio": seam_energy_ratio(tiled.rgb, plan)}
+                              "seam_energy_ratio": seam_energy_ratio(tiled.rgb, plan,
+                                                                     reference=whole.rgb)}
                 print(f"{pair['name']} tile {tile_px} overlap {overlap}: PSNR to untiled "
                       f"{entry[key]['psnr_to_untiled']:.1f} dB", file=sys.stderr)
         rows.append(entry)

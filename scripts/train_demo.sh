@@ -15,7 +15,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-runs/demo}"
-MAX_MINUTES="${MAX_MINUTES:-40}"
+MAX_MINUTES="${MAX_MINUTES:-80}"
 export OMP_NUM_THREADS=1
 exec python -m napari_vstain.train --config scripts/demo_config.json --out "$OUT" \
     --max-minutes "$MAX_MINUTES" --threads 1 "$@"

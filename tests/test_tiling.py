@@ -182,8 +182,13 @@ def test_no_seams_at_tile_borders(model, monkeypatch):
     assert plan.cols == plan.rows == (0, 7, 14, 21, 28)  # evenly spread
     # one network call from x_T = y: a noise-free, structured model output
     settings = StainSettings(sampler="fast", steps=1, eta=0.0, samples=1, seed=5)
-    ratios = seam_energy_ratio(stain_tiled(model, af, settings).rgb, plan)
+    tiled = stain_tiled(model, af, settings).rgb
+    ratios = seam_energy_ratio(tiled, plan)
     assert abs(ratios["columns"] - 1.0) <= 0.10 and abs(ratios["rows"] - 1.0) <= 0.10
+    # against the same lines of the image stained whole
+    whole = untiled_reference(model, af, settings).rgb
+    for ratio in seam_energy_ratio(tiled, plan, reference=whole).values():
+        assert abs(ratio - 1.0) <= 0.10
 
     # The measure does see seams: tiles stitched edge to edge, without overlap or blending.
     monkeypatch.setattr(tiling, "blend_window", lambda h, w, kind="gaussian": np.ones((h, w)))
@@ -193,6 +198,9 @@ def test_no_seams_at_tile_borders(model, monkeypatch):
     assert stitched_plan.cols == (0, 12, 24)
     stitched_ratios = seam_energy_ratio(stitched, stitched_plan)
     assert min(abs(r - 1.0) for r in stitched_ratios.values()) > 0.10
+    whole = untiled_reference(model, edge_to_edge, settings).rgb
+    against_whole = seam_energy_ratio(stitched, stitched_plan, reference=whole)
+    assert min(abs(r - 1.0) for r in against_whole.values()) > 0.10
     # a single tile has no interior border to measure
     assert np.isnan(seam_energy_ratio(stitched[:48, :48], plan_tiles((12, 12), model.config))
                     ["rows"])

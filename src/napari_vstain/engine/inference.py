@@ -87,7 +87,7 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
     return torch.cat(outputs)
 
 
-# ---- the noise: one global field per sample and network call ------------------------------------------------------------------
+# ---- the noise: one global field per sample and network call ---------------------------------
 
 class NoiseField:
     """One Gaussian noise field per (sample, network call) over the target-pixel plane,
@@ -128,6 +128,7 @@ class NoiseField:
     def source(self, regions: list) -> Callable:
         """A sampler noise source (call_index, like) -> noise for a batch whose row i is
         sample regions[i][0] of the tile with target-pixel origin regions[i][1:]."""
+
         def draw(call_index: int, like):
             cache: dict = {}
             height, width = like.shape[-2:]
@@ -136,7 +137,6 @@ class NoiseField:
             return torch.stack(crops).to(device=like.device, dtype=like.dtype)
 
         return draw
-
 
 
 @dataclass

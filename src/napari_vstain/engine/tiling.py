@@ -152,27 +152,37 @@ def plan_tiles(af_shape, config, tile: Optional[int] = None,
     return TilePlan((height, width), tile_af, origins[0], origins[1], k)
 
 
-def seam_energy_ratio(rgb: np.ndarray, plan: TilePlan) -> dict:
-    """How much a tiled image (H, W, 3) changes across tile borders, against elsewhere.
+def seam_energy_ratio(rgb: np.ndarray, plan: TilePlan,
+                      reference: Optional[np.ndarray] = None) -> dict:
+    """How much a tiled image (H, W, 3) changes across tile borders. 1.0: no seam.
 
     Per axis: the mean squared step between neighbouring pixels at the interior tile borders,
-    divided by that at the other positions of the same sub-pixel phase (the upsampling gives
-    each phase of the factor k its own statistics; tile borders always fall on phase 0).
-    1.0: no seam. Returns {"columns": ratio across vertical borders, "rows": ...}; NaN for
-    an axis without interior borders."""
-    gray = np.asarray(rgb, float).mean(axis=-1)
+    divided by, without `reference`, that at the other positions of the same sub-pixel phase
+    (the upsampling gives each phase of the factor k its own statistics; tile borders always
+    fall on phase 0) -- for images whose texture is alike everywhere; or, with `reference`
+    (the same image stained whole), the reference's steps at the same borders -- for tissue,
+    where a few border lines may happen to cross strong edges.
+    Returns {"columns": ratio across vertical borders, "rows": ...}; NaN for an axis without
+    interior borders."""
+    def squared_steps(image, axis):  # [i - 1]: from pixel i - 1 to pixel i
+        gray = np.asarray(image, float).mean(axis=-1)
+        return (np.diff(gray, axis=axis) ** 2).mean(axis=1 - axis)
+
     ratios = {}
     for name, axis, origins in (("columns", 1, plan.cols), ("rows", 0, plan.rows)):
         tile = plan.tile[axis]
         borders = {o * plan.factor for o in origins} | {o * plan.factor + tile for o in origins}
-        steps = (np.diff(gray, axis=axis) ** 2).mean(axis=1 - axis)  # [i - 1]: i - 1 to i
-        positions = np.arange(1, gray.shape[axis])
+        steps = squared_steps(rgb, axis)
+        positions = np.arange(1, len(steps) + 1)
         at_border = np.isin(positions, sorted(borders))
         if not at_border.any():
             ratios[name] = float("nan")
             continue
-        same_phase = positions % plan.factor == 0
-        ratios[name] = float(steps[at_border].mean() / steps[same_phase & ~at_border].mean())
+        if reference is None:
+            elsewhere = steps[(positions % plan.factor == 0) & ~at_border].mean()
+        else:
+            elsewhere = squared_steps(reference, axis)[at_border].mean()
+        ratios[name] = float(steps[at_border].mean() / elsewhere)
     return ratios
 
 

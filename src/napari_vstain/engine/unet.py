@@ -4,6 +4,11 @@ The layout follows the improved-diffusion U-Net that the paper's authors used (i
 a middle block, output blocks with skip connections), and the parameter names follow it too,
 so their published weights map onto ours one to one (see `import_authors.py`).
 Defaults are a small CPU model; `UNetConfig.authors()` is the paper's 124 M-parameter layout.
+
+A local variant (norm="pixel", attention_window=k) swaps GroupNorm for a per-pixel norm and
+global attention for attention within a k x k neighbourhood: nothing then depends on the
+extent of the image, so staining by tiles gives what staining the whole image would
+(engine/tiling.py). The demo model uses it; the authors' layout does not.
 """
 
 from __future__ import annotations
