@@ -391,13 +391,15 @@ def test_compare_view(stained_lung, qtbot):
     # a perfect stain (the H&E itself) agrees fully
     stained.data = he.data.copy()
     assert widget.show_compare()["f1"] == pytest.approx(1.0)
+    added = viewer.add_image(np.zeros((8, 8)), name="added in compare view")
     widget.leave_compare()
     assert not viewer.canvas.grid.enabled
     names = [layer.name for layer in viewer.layers]
     assert names[:len(order_before)] == order_before  # the user's order, outlines on top
-    assert sorted(names[len(order_before):]) == sorted(OUTLINE_NAMES.values())
-    assert not he.visible and stained.visible
+    assert sorted(names[len(order_before):]) == sorted([*OUTLINE_NAMES.values(), added.name])
+    assert not he.visible and stained.visible and added.visible
     assert not any(viewer.layers[name].visible for name in OUTLINE_NAMES.values())
+    viewer.layers.remove(added)
     # without a CV layer the grid keeps its (image, outline) pairs, one cell fewer
     viewer.layers.remove(f"{af.name} CV")
     assert widget.show_compare() is not None

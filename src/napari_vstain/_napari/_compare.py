@@ -138,8 +138,9 @@ class CompareWidget(Container):
         if saved is not None:
             viewer.canvas.grid.stride = saved["stride"]
             viewer.canvas.grid.shape = saved["shape"]
-            for layer in viewer.layers:
-                layer.visible = saved["visible"].get(layer.name, False)
+            for layer in viewer.layers:  # layers added since: outlines hidden, others kept
+                layer.visible = saved["visible"].get(
+                    layer.name, layer.visible and layer.metadata.get(ROLE) != "pigment")
             present = [layer.name for layer in viewer.layers]
             order = ([name for name in saved["order"] if name in present]
                      + [name for name in present if name not in saved["order"]])

@@ -97,8 +97,8 @@ class StainingWidget(Container):
                                 value=defaults.samples)
         self._seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=defaults.seed)
         self._tile = SpinBox(label="Tile (px)", min=0, max=8192, value=0,
-                             tooltip="Tile side in output pixels; 0 = the model's training "
-                                     "crop.")
+                             tooltip="Tile side in output pixels; 0 = the model's default "
+                                     "tile.")
         self._tile.native.setSpecialValueText("model's default")
         self._keep_samples = CheckBox(text="Show the N samples as a stack", value=False)
         self._run_button = PushButton(text="Run")
