@@ -141,7 +141,7 @@ def command_line() -> str:
 
 def write_result(name: str, record: dict, folder: Path = RESULTS) -> Path:
     """benchmarks/results/<name>.json (replaced on every run: results are regenerated)."""
-    from napari_vstain.engine.checkpoint import atomic_write
+    from napari_vstain.atomic import atomic_write
 
     path = Path(folder) / f"{name}.json"
     text = json.dumps(record, indent=2, sort_keys=False, default=float)

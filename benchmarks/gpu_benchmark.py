@@ -63,7 +63,7 @@ def main(argv=None) -> int:
     import torch
 
     from napari_vstain.engine.devices import describe_device, prepare_model, resolve_device
-    from napari_vstain.engine.inference import StainSettings
+    from napari_vstain.settings import StainSettings
     from napari_vstain.engine.tiling import stain_tiled
 
     device = resolve_device(args.device or ("cpu" if args.dry_run else "cuda"))

@@ -36,8 +36,9 @@ def rss_now_mib() -> float:
 def child(args) -> int:
     """Stain one synthetic AF image of `--size` output pixels; print one JSON line."""
     common.setup_threads(args.threads)
-    from napari_vstain.engine.inference import StainSettings
-    from napari_vstain.engine.tiling import OmeTiffWriter, plan_tiles, stain_tiled
+    from napari_vstain.settings import StainSettings
+    from napari_vstain.data.tiff_stream import OmeTiffWriter
+    from napari_vstain.engine.tiling import plan_tiles, stain_tiled
 
     model, _text = common.load_benchmark_model(args)
     cfg = model.config

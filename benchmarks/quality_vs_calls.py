@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     common.setup_threads(args.threads)
 
     from napari_vstain import metrics
-    from napari_vstain.engine.inference import StainSettings
+    from napari_vstain.settings import StainSettings
     from napari_vstain.engine.model import af_statistics
     from napari_vstain.engine.tiling import minimum_tile, stain_tiled
 
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
              for p in common.held_out_pairs(count, factor=cfg.factor)]
     rows = []
     for label, sampler, steps, t_exit, samples in runs(args.quick):
-        settings = StainSettings(sampler=sampler, steps=steps, t_exit=t_exit, eta=0.0,
+        settings = StainSettings(sampler=sampler, steps=steps, t_exit=t_exit,
                                  samples=samples, seed=0)
         per_pair, seconds, pixels = [], 0.0, 0
         for pair in pairs:
@@ -75,9 +75,10 @@ def main(argv=None) -> int:
                              "seconds": watch.seconds})
         ssim = [p["ssim"] for p in per_pair]
         psnr = [p["psnr"] for p in per_pair]
-        calls = settings.calls_per_sample(cfg.num_steps)
-        rows.append({"label": label, "sampler": sampler, "steps": steps or cfg.num_steps,
-                     "t_exit": t_exit if sampler in ("mean", "skip") else None, "eta": 0.0,
+        ran = settings.record(cfg.num_steps)
+        calls = ran["network_calls_per_sample"]
+        rows.append({"label": label, "sampler": sampler, "steps": ran["steps"],
+                     "t_exit": ran["t_exit"], "eta": ran["eta"],
                      "samples": samples, "calls_per_sample": calls,
                      "network_calls": calls * samples,
                      "ssim_mean": float(np.mean(ssim)), "ssim_std": float(np.std(ssim)),

@@ -165,7 +165,7 @@ def _gpu_sections(folder: Path) -> list:
 
 
 def write_summary(folder: Path, command: str, timings: dict) -> Path:
-    from napari_vstain.engine.checkpoint import atomic_write
+    from napari_vstain.atomic import atomic_write
 
     folder = Path(folder)
     records = {name: _load(folder, name) for name in

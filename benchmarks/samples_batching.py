@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     common.setup_threads(args.threads)
 
-    from napari_vstain.engine.inference import StainSettings
+    from napari_vstain.settings import StainSettings
     from napari_vstain.engine.tiling import minimum_tile, plan_tiles, stain_tiled
 
     model, model_text = common.load_benchmark_model(args)

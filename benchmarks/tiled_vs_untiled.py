@@ -1,6 +1,6 @@
 """Tiled against untiled: held-out images stained whole (one tile) and by overlapping tiles of
 the model's training size (and twice that), with the deterministic sampler (eta = 0) and the
-same seed; and how visible the tile borders are (tiling.seam_energy_ratio).
+same seed; and how visible the tile borders are (metrics.seam_energy_ratio).
 
     python benchmarks/tiled_vs_untiled.py [--quick] [--tiny] [--checkpoint FILE]
 """
@@ -25,9 +25,9 @@ def main(argv=None) -> int:
     common.setup_threads(args.threads)
 
     from napari_vstain import metrics
-    from napari_vstain.engine.inference import StainSettings
-    from napari_vstain.engine.tiling import (default_tile, minimum_tile, plan_tiles,
-                                             seam_energy_ratio, stain_tiled)
+    from napari_vstain.settings import StainSettings
+    from napari_vstain.engine.tiling import default_tile, minimum_tile, plan_tiles, stain_tiled
+    from napari_vstain.metrics import seam_energy_ratio
 
     model, model_text = common.load_benchmark_model(args)
     cfg = model.config

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from napari_vstain.data.simulate import (CHANNEL_NAMES, real_he_images, simulate_from_he,
-                                         simulate_pair)
-from napari_vstain.engine.checkpoint import atomic_write
+from napari_vstain.data.from_he import real_he_images, simulate_from_he
+from napari_vstain.data.rendering import CHANNEL_NAMES
+from napari_vstain.data.simulate import simulate_pair
+from napari_vstain.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,3 +9,41 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def make_tiny_local_model(num_steps: int = 50, train_crop: int = 16, weight_noise: float = 0.05,
+                          seed: int = 0):
+    """A tiny local U-Net (per-pixel norm, 3 x 3 neighbourhood attention: the demo model's
+    layout, a few thousand parameters) with random weights, so its samples depend on the
+    noise (a fresh U-Net's zero-initialised output layer would ignore it)."""
+    from napari_vstain.engine.model import ModelConfig, VStainModel
+
+    torch.manual_seed(seed)
+    config = ModelConfig.tiny(num_steps=num_steps, train_crop=train_crop)
+    config.unet = dataclasses.replace(config.unet, norm="pixel", attention_window=3)
+    model = VStainModel(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(weight_noise * torch.randn_like(parameter))
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_local_model():
+    return make_tiny_local_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_local_checkpoint(tmp_path_factory):
+    """The tiny local U-Net (T = 1000, training crop 32) saved as a checkpoint:
+    (path, content hash)."""
+    from napari_vstain.engine.checkpoint import save_model
+
+    path = tmp_path_factory.mktemp("tiny_local") / "tiny.safetensors"
+    digest = save_model(make_tiny_local_model(num_steps=1000, train_crop=32,
+                                              weight_noise=0.01), path)
+    return path, digest

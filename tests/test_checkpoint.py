@@ -9,7 +9,8 @@ import torch
 
 from napari_vstain.engine.checkpoint import (CheckpointError, load_model, read_checkpoint,
                                              save_model)
-from napari_vstain.engine.inference import StainSettings, stain_image
+from napari_vstain.engine.inference import stain_image
+from napari_vstain.settings import StainSettings
 from napari_vstain.engine.model import ModelConfig, VStainModel
 
 

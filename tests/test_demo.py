@@ -5,24 +5,20 @@ import json
 import numpy as np
 import pytest
 import tifffile
-import torch
 
 from napari_vstain.cli import main
 from napari_vstain.data.io import read_provenance
 from napari_vstain.demo import output_folder
-from napari_vstain.engine.checkpoint import save_model
-from napari_vstain.engine.model import ModelConfig, VStainModel
+from napari_vstain.engine.checkpoint import load_model
+from napari_vstain.engine.tiling import default_tile
 
 FILES = ("stained.ome.tif", "stained.png", "cv.ome.tif", "cv.png", "target.png", "af.ome.tif",
          "figure.png", "metrics.json")
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
-    save_model(VStainModel(ModelConfig.tiny(train_crop=32)), path)
-    return path
+def tiny_checkpoint(tiny_local_checkpoint):
+    return tiny_local_checkpoint[0]
 
 
 def demo_args(checkpoint, *extra):
@@ -51,7 +47,12 @@ def test_demo_writes_the_stain_cv_map_figure_and_metrics(tmp_path, tiny_checkpoi
     assert scores["pigment_vs_simulated_mask"]["true"] > 0  # the held-out lung has pigment
     assert metrics["network_calls"] == 2 * 2
     record = read_provenance(out / "stained.ome.tif")
+    assert record == metrics["provenance"]
     assert record["samples"] == 2 and record["demo_seed"] == 7
+    # the tile it stained with: a local U-Net's default, twice its 32 px training crop
+    tile = default_tile(load_model(tiny_checkpoint).config)
+    assert tile == 64 and record["tile"] == [64, 64]
+    assert record["network_call_times"] == [1000, 500] and record["sampler"] == "fast"
     assert record["checkpoint_hash"] == metrics["model"]["hash"]
     printed = capsys.readouterr().out
     assert "SSIM" in printed and str(out) in printed

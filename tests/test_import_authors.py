@@ -266,6 +266,7 @@ def test_imported_model_computes_the_authors_function(small_files, tmp_path):
     model = load_model(out)
     assert model.extra["license"] == "Apache-2.0"
     assert "Yijie-Zhang/Super-resolved-virtual-staining" in model.extra["source"]
+    assert model.extra["sampling_convention"] == "authors-code"  # reproduces their images
     assert model.config.cnn_negative_slope == 0.01
 
     gen = torch.Generator().manual_seed(3)

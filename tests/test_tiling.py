@@ -9,11 +9,15 @@ import torch
 from napari_vstain.engine import samplers, tiling
 from napari_vstain.engine.devices import (autocast_context, describe_device, prepare_model,
                                           resolve_device)
-from napari_vstain.engine.inference import NoiseField, StainSettings, stain_image
+from napari_vstain.data.tiff_stream import OmeTiffWriter
+from napari_vstain.engine.inference import NoiseField, stain_image
 from napari_vstain.engine.model import ModelConfig, VStainModel, af_statistics
-from napari_vstain.engine.tiling import (OmeTiffWriter, blend_window, check_tile, default_tile,
+from napari_vstain.engine.tiling import (blend_window, check_tile, default_tile,
                                          cv_from_mean_and_variance, minimum_tile, plan_tiles,
-                                         seam_energy_ratio, stain_tiled)
+                                         stain_tiled)
+from napari_vstain.errors import Cancelled
+from napari_vstain.metrics import seam_energy_ratio
+from napari_vstain.settings import StainSettings
 
 CROP = 48  # training crop (target pixels) of the test model: tiles of 12 x 12 AF pixels
 
@@ -268,7 +272,7 @@ def test_progress_counts_network_calls_over_the_whole_image(model):
 def test_cancel_raises_and_leaves_no_output_file(model, tmp_path):
     af = smooth_af(20, 20)
     writer = OmeTiffWriter(tmp_path / "out.ome.tif", tmp_path / "out_cv.ome.tif")
-    with pytest.raises(samplers.Cancelled):
+    with pytest.raises(Cancelled):
         stain_tiled(model, af, DETERMINISTIC, batch_size=2, writer=writer,
                     callback=lambda done, total: done < 5)
     assert list(tmp_path.iterdir()) == []
@@ -289,7 +293,10 @@ def test_writer_streams_the_same_image_to_ome_tiff(model, tmp_path):
     assert np.array_equal(rgb.data, in_memory.rgb)
     assert rgb.pixel_size == pytest.approx((0.25, 0.2))
     assert np.array_equal(tifffile.imread(tmp_path / "s_cv.ome.tif"), in_memory.cv)
-    assert read_provenance(tmp_path / "s_cv.ome.tif")["sampler"] == "fast"
+    record = read_provenance(tmp_path / "s_cv.ome.tif")
+    assert record["sampler"] == "fast" and record["network_call_times"] == [model.config.num_steps]
+    assert record["tile"] == [48, 48] and record["overlap"] == 0.25
+    assert record["dtype"] == "float32" and record == dict(in_memory.provenance, **record)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.tif", "s_cv.ome.tif"]
     with pytest.raises(FileExistsError, match="already exists"):
         OmeTiffWriter(tmp_path / "s.ome.tif", tmp_path / "other.ome.tif")

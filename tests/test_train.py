@@ -15,10 +15,12 @@ import pytest
 import torch
 
 from napari_vstain.engine.checkpoint import load_model, read_checkpoint
-from napari_vstain.engine.inference import StainSettings, stain_image
+from napari_vstain.engine.inference import stain_image
+from napari_vstain.settings import StainSettings
 from napari_vstain.engine.model import ModelConfig
-from napari_vstain.train import (CHECKPOINT_FILE, MODEL_FILE, TrainSettings, ema_decay_at,
-                                 read_training_checkpoint, train)
+from napari_vstain.training.checkpoint import read_training_checkpoint
+from napari_vstain.training.loop import ema_decay_at, train
+from napari_vstain.training.settings import CHECKPOINT_FILE, MODEL_FILE, TrainSettings
 
 TINY_CONFIG = {"model": {**{k: v for k, v in ModelConfig.tiny().to_dict().items()
                             if k != "unet"},
@@ -199,7 +201,8 @@ def test_bad_settings_are_refused_with_a_sentence(tmp_path):
 def test_flags_override_the_config_file(tmp_path):
     import argparse
 
-    from napari_vstain.train import configure_cli, resolve_config
+    from napari_vstain.train import configure_cli
+    from napari_vstain.training.settings import resolve_config
 
     (tmp_path / "c.json").write_text(json.dumps(TINY_CONFIG))
     parser = argparse.ArgumentParser()

@@ -6,6 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Optional
+
+from .errors import CheckpointError, UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -26,11 +29,10 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """An error caused by the user's input; printed as one sentence, without a traceback."""
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
+    """The parser; only the module of `command` is imported (so `vstain --help` and
+    `vstain <command> --help` load nothing heavy: no command module imports torch at import
+    time or in its configure_cli)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -39,26 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"napari-vstain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
-        try:
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
             module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue  # a subcommand not built into this version
-        command = sub.add_parser(name, help=help_text, description=help_text)
-        module.configure_cli(command)
-        command.set_defaults(run=module.run_cli)
+            module.configure_cli(command_parser)
+            command_parser.set_defaults(run=module.run_cli)
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0
-    from .engine.checkpoint import CheckpointError
-
     try:
         return int(args.run(args) or 0)
     except (UserError, CheckpointError, ValueError, FileExistsError, FileNotFoundError) as exc:

@@ -28,8 +28,6 @@ import numpy as np
 
 DEFAULT_OUT = "vstain-demo"
 DEFAULT_SIZE = 256
-DEFAULT_SAMPLES = 4
-DEFAULT_STEPS = 5  # as good as 10 on the demo model (SSIM 0.864 vs 0.861), half the time
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -39,10 +37,11 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
                         "model)")
     parser.add_argument("--seed", type=int, help="seed of the simulated lung sample; below "
                         "1000 (held out from training; default 7)")
-    parser.add_argument("--samples", type=int, default=DEFAULT_SAMPLES,
-                        help=f"averaged samples N (default {DEFAULT_SAMPLES})")
-    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS,
-                        help=f"fast-sampler steps per sample (default {DEFAULT_STEPS})")
+    from .settings import DEFAULT_SAMPLER, add_setting_argument
+
+    add_setting_argument(parser, "samples")
+    add_setting_argument(parser, "steps", help=f"steps per sample of the {DEFAULT_SAMPLER} "
+                         "sampler (default: its own)")
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
                         help=f"H&E size of the simulated sample in px (default {DEFAULT_SIZE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
@@ -68,7 +67,7 @@ def output_folder(out: Optional[str], overwrite: bool) -> Path:
 
 
 def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
-             samples: int = DEFAULT_SAMPLES, steps: int = DEFAULT_STEPS,
+             samples: Optional[int] = None, steps: Optional[int] = None,
              size: int = DEFAULT_SIZE, device: str = "auto", overwrite: bool = False,
              progress: bool = True) -> dict:
     """Run the demo into folder `out`; returns the metrics dict (also in metrics.json)."""
@@ -77,12 +76,12 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     from .data.patches import register_pair
     from .data.simulate import simulate_pair
     from .engine.checkpoint import default_checkpoint, load_model
-    from .engine.devices import describe_device, resolve_device
-    from .engine.inference import StainSettings, provenance
+    from .engine.devices import resolve_device
     from .engine.tiling import stain_tiled
-    from .evaluate import image_scores
+    from .evaluation.running import image_scores
     from .metrics import lpips_available, pigment_mask_from_rgb, pigment_scores
-    from .train import DEMO_SEED, TRAIN_SEED_START
+    from .settings import StainSettings
+    from .training.settings import DEMO_SEED, TRAIN_SEED_START
 
     seed = DEMO_SEED if seed is None else int(seed)
     if not 0 <= seed < TRAIN_SEED_START:
@@ -94,8 +93,8 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     checkpoint = Path(checkpoint) if checkpoint else default_checkpoint()
     model = load_model(checkpoint, device)
     k = model.config.factor
-    settings = StainSettings(sampler="fast", steps=steps, samples=samples,
-                             seed=0).validate(model.config.num_steps)
+    settings = StainSettings(steps=steps, **({} if samples is None else {"samples": samples})
+                             ).validate(model.config.num_steps)
     if size < 4 * k or size % k:
         raise ValueError(f"--size must be a multiple of the model's factor {k} and at least "
                          f"{4 * k} px; got {size}.")
@@ -129,9 +128,8 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
                                                          true_pigment)
     elapsed = time.time() - started
 
-    record = provenance(model, settings, checkpoint=str(checkpoint), demo_seed=seed,
-                        tissue="lung (simulated)", device=describe_device(device),
-                        tile=model.config.train_crop)
+    record = dict(result.provenance, checkpoint=str(checkpoint), demo_seed=seed,
+                  tissue="lung (simulated)")
     metrics = {"simulated": True, "seed": seed, "tissue": "lung", "size_he": list(target.shape[:2]),
                "size_af": list(af.shape[1:]), "factor": k, "registration": registration,
                "network_calls": total_calls, "seconds": round(elapsed, 1),
@@ -142,7 +140,7 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     _write_outputs(out, pair, af, result, target, metrics, model.config, overwrite)
     pigment = scores["pigment"]
     say(f"Stained {af.shape[2] * k} x {af.shape[1] * k} px from {af.shape[2]} x {af.shape[1]} px "
-        f"AF with {settings.samples} samples x {settings.steps} steps in {elapsed:.0f} s.")
+        f"AF ({settings.describe(model.config.num_steps)}) in {elapsed:.0f} s.")
     say(f"  SSIM {scores['ssim']:.3f}  PSNR {scores['psnr']:.1f} dB  "
         + (f"LPIPS {scores['lpips']:.3f}  " if scores.get("lpips") is not None else "")
         + f"pigment F1 {_fmt(pigment.get('f1'))} "
@@ -162,10 +160,10 @@ def _fmt(value) -> str:
 def _write_outputs(out: Path, pair, af, result, target, metrics: dict, config,
                    overwrite: bool) -> None:
     from .data.io import write_ome_tiff
-    from .engine.checkpoint import atomic_write
+    from .atomic import atomic_write
     from .engine.model import af_statistics, normalise_af
-    from .evaluate import _json_ready as json_ready
-    from .train import af_preview
+    from .evaluation.report import _json_ready as json_ready
+    from .training.reports import af_preview
 
     out.mkdir(parents=True, exist_ok=True)
     he_pixel = tuple(pair.metadata["pixel_size_he"])
@@ -197,7 +195,7 @@ def _write_png(path: Path, image: np.ndarray, overwrite: bool, **style) -> None:
     matplotlib.use("Agg")
     from matplotlib.image import imsave
 
-    from .engine.checkpoint import atomic_write
+    from .atomic import atomic_write
 
     atomic_write(path, lambda tmp: imsave(tmp, image, format="png", **style), overwrite)
 
@@ -209,7 +207,7 @@ def _write_figure(path: Path, preview, stained, cv, cv_limit: float, target, met
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from .engine.checkpoint import atomic_write
+    from .atomic import atomic_write
 
     scores = metrics["scores"]
     figure = Figure(figsize=(16, 4.6), dpi=110)

@@ -315,3 +315,38 @@ def _scores_from_counts(counts: dict) -> dict:
     else:
         f1 = 2 * precision * recall / (precision + recall)
     return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def seam_energy_ratio(rgb: np.ndarray, plan,
+                      reference: Optional[np.ndarray] = None) -> dict:
+    """How much a tiled image (H, W, 3) changes across tile borders (`plan`: the
+    engine.tiling.TilePlan it was stained with). 1.0: no seam.
+
+    Per axis: the mean squared step between neighbouring pixels at the interior tile borders,
+    divided by, without `reference`, that at the other positions of the same sub-pixel phase
+    (the upsampling gives each phase of the factor k its own statistics; tile borders always
+    fall on phase 0) -- for images whose texture is alike everywhere; or, with `reference`
+    (the same image stained whole), the reference's steps at the same borders -- for tissue,
+    where a few border lines may happen to cross strong edges.
+    Returns {"columns": ratio across vertical borders, "rows": ...}; NaN for an axis without
+    interior borders."""
+    def squared_steps(image, axis):  # [i - 1]: from pixel i - 1 to pixel i
+        gray = np.asarray(image, float).mean(axis=-1)
+        return (np.diff(gray, axis=axis) ** 2).mean(axis=1 - axis)
+
+    ratios = {}
+    for name, axis, origins in (("columns", 1, plan.cols), ("rows", 0, plan.rows)):
+        tile = plan.tile[axis]
+        borders = {o * plan.factor for o in origins} | {o * plan.factor + tile for o in origins}
+        steps = squared_steps(rgb, axis)
+        positions = np.arange(1, len(steps) + 1)
+        at_border = np.isin(positions, sorted(borders))
+        if not at_border.any():
+            ratios[name] = float("nan")
+            continue
+        if reference is None:
+            elsewhere = steps[(positions % plan.factor == 0) & ~at_border].mean()
+        else:
+            elsewhere = squared_steps(reference, axis)[at_border].mean()
+        ratios[name] = float(steps[at_border].mean() / elsewhere)
+    return ratios

@@ -14,10 +14,8 @@ OUTPUT_SUFFIXES = (".tif", ".tiff")
 
 
 def configure_cli(parser) -> None:
-    from .engine.inference import StainSettings
-    from .engine.samplers import SAMPLERS
+    from .settings import add_sampler_arguments
 
-    defaults = StainSettings()
     parser.add_argument("af", type=Path, help="AF image (TIFF / OME-TIFF, channels x Y x X).")
     parser.add_argument("--out", type=Path, required=True,
                         help="Output OME-TIFF for the stained RGB image (e.g. stained.ome.tif).")
@@ -26,22 +24,7 @@ def configure_cli(parser) -> None:
                              "_cv added to its name).")
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="Model checkpoint (.safetensors); default: the shipped demo model.")
-    parser.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler,
-                        help=f"Sampler (default {defaults.sampler}: deterministic, few steps; "
-                             "'mean' with all steps is the paper's setting).")
-    parser.add_argument("--steps", type=int, default=None,
-                        help=f"Network steps per sample (default: {defaults.steps} for the fast "
-                             "sampler, all T for the others).")
-    parser.add_argument("--t-exit", type=int, default=defaults.t_exit,
-                        help=f"Exit step t_e of the mean and skip samplers (default "
-                             f"{defaults.t_exit}).")
-    parser.add_argument("--eta", type=float, default=defaults.eta,
-                        help=f"Noise of the fast sampler, 0 (deterministic) to 1 (default "
-                             f"{defaults.eta:g}).")
-    parser.add_argument("--samples", type=int, default=defaults.samples,
-                        help=f"Samples averaged into the output, N (default {defaults.samples}).")
-    parser.add_argument("--seed", type=int, default=defaults.seed,
-                        help=f"Random seed: same seed, same image (default {defaults.seed}).")
+    add_sampler_arguments(parser)
     parser.add_argument("--tile", type=int, default=None,
                         help="Tile side in output pixels (default: the model's training crop, "
                              "twice that for a local U-Net such as the demo model's).")
@@ -72,15 +55,15 @@ def _check_output(path: Path, option: str) -> None:
 
 
 def run_cli(args) -> int:
-    from .cli import UserError
     from .engine.devices import describe_device, resolve_device
-    from .engine.inference import StainSettings
+    from .errors import UserError
+    from .settings import SETTINGS, settings_from_arguments
 
-    # 1. Settings that need nothing loaded.
-    if args.samples < 1:
-        raise UserError(f"--samples must be at least 1; got {args.samples}.")
-    if args.steps is not None and args.steps < 1:
-        raise UserError(f"--steps must be at least 1; got {args.steps}.")
+    # 1. Settings that need nothing loaded (the model's T is checked once it is).
+    settings = settings_from_arguments(args)
+    for name, setting in SETTINGS.items():
+        if getattr(settings, name) is not None:
+            setting.check(getattr(settings, name), num_steps=None)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1; got {args.batch_size}.")
     from .engine.tiling import check_overlap
@@ -92,7 +75,7 @@ def run_cli(args) -> int:
     cv_out = args.cv_out if args.cv_out is not None else default_cv_path(out)
     _check_output(out, "--out")
     _check_output(cv_out, "--cv-out")
-    from .engine.tiling import OmeTiffWriter
+    from .data.tiff_stream import OmeTiffWriter
 
     # Refuses existing outputs (without --overwrite) and --cv-out equal to --out, now.
     OmeTiffWriter(out, cv_out, overwrite=args.overwrite)
@@ -105,10 +88,6 @@ def run_cli(args) -> int:
     checkpoint = args.checkpoint if args.checkpoint is not None else default_checkpoint()
     model = load_model(checkpoint, device="cpu")
     cfg = model.config
-    steps = args.steps if args.steps is not None else (
-        StainSettings().steps if args.sampler == "fast" else None)
-    settings = StainSettings(sampler=args.sampler, steps=steps, t_exit=args.t_exit,
-                             eta=args.eta, samples=args.samples, seed=args.seed)
     settings.validate(cfg.num_steps)
     tile = check_tile(cfg, args.tile) if args.tile is not None else default_tile(cfg)
 
@@ -124,21 +103,17 @@ def run_cli(args) -> int:
     from tqdm import tqdm
 
     from .engine.devices import prepare_model
-    from .engine.inference import provenance
     from .engine.tiling import stain_tiled
 
     model = prepare_model(model, device)
-    device_text = describe_device(device)
-    record = provenance(model, settings, tile=tile, overlap=args.overlap, device=device_text,
-                        input=str(args.af), checkpoint=str(checkpoint),
-                        af_channel_names=list(af.channel_names))
-    writer = OmeTiffWriter(out, cv_out, pixel_size=pixel_size, provenance=record,
+    extra = {"input": str(args.af), "checkpoint": str(checkpoint),
+             "af_channel_names": list(af.channel_names)}
+    writer = OmeTiffWriter(out, cv_out, pixel_size=pixel_size, provenance=extra,
                            overwrite=args.overwrite)
     height, width = plan.out_shape
     print(f"Staining {args.af} ({af.data.shape[2]} x {af.data.shape[1]} AF pixels -> {width} x "
-          f"{height}) on {device_text}: {plan.count} tiles of {plan.tile[1]} x {plan.tile[0]}, "
-          f"{settings.samples} sample(s), {settings.calls_per_sample(cfg.num_steps)} network "
-          f"steps each ({settings.sampler} sampler).", file=sys.stderr)
+          f"{height}) on {describe_device(device)}: {plan.count} tiles of {plan.tile[1]} x "
+          f"{plan.tile[0]}; {settings.describe(cfg.num_steps)}.", file=sys.stderr)
     with tqdm(total=1, unit="call", desc="vstain stain", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             if bar.total != total:

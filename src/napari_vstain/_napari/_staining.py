@@ -1,14 +1,13 @@
 """What the staining widget runs, without Qt: gather the AF input from layers, run the engine's
 tiled staining as a generator (one yield per network call) and turn the result into layers.
 
-The engine reports progress through a callback; `stain_steps` runs it on a helper thread and
-hands each report to the generator through a queue, so a napari thread_worker can drive it,
+The engine reports progress through one callback type (napari_vstain.progress);
+`stain_steps` turns it into a generator of reports, so a napari thread_worker can drive it,
 update a progress bar per network call and stop it at the next call on cancel.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -43,7 +42,8 @@ def af_from_layers(layers: Sequence, expected_channels: Optional[int]) -> AFInpu
     """One (C, Y, X) or 2-D layer, or several 2-D layers stacked in the given order, checked
     by data.io.validate_af (channel count, size, finite values). Several layers must have
     the same shape and placement."""
-    from ..data.io import InputError, validate_af
+    from ..data.io import validate_af
+    from ..errors import InputError
 
     if not layers:
         raise InputError("Choose the AF input: one multi-channel (C, Y, X) image layer, or "
@@ -99,35 +99,13 @@ def stain_steps(job: StainJob, cancel: threading.Event):
     """Generator: yields (done, total) network calls, returns the StainResult (with the N
     samples kept). Setting `cancel` makes the engine stop at its next network call."""
     from ..engine.tiling import stain_tiled
+    from ..progress import progress_reports
 
-    reports: queue.Queue = queue.Queue()
+    def work(callback):
+        return stain_tiled(job.model, job.af.data, job.settings, tile=job.tile,
+                           callback=callback, device=job.device, keep_samples=True)
 
-    def progress(done, total):
-        reports.put(("progress", (int(done), int(total))))
-        return not cancel.is_set()  # False: the engine raises samplers.Cancelled
-
-    def run():
-        try:
-            with _ENGINE_LOCK:
-                result = stain_tiled(job.model, job.af.data, job.settings, tile=job.tile,
-                                     callback=progress, device=job.device, keep_samples=True)
-            reports.put(("result", result))
-        except BaseException as error:  # handed to the generator, which re-raises it
-            reports.put(("error", error))
-
-    helper = threading.Thread(target=run, name="napari-vstain staining", daemon=True)
-    helper.start()
-    try:
-        while True:
-            kind, value = reports.get()
-            if kind == "progress":
-                yield value
-            elif kind == "result":
-                return value
-            else:
-                raise value
-    finally:
-        cancel.set()  # the generator was closed or failed: stop the engine too
+    return (yield from progress_reports(work, cancel, lock=_ENGINE_LOCK))
 
 
 @dataclass
@@ -160,12 +138,11 @@ class StainedRun:
 
 
 def finished_run(job: StainJob, result) -> StainedRun:
-    from ..engine.inference import provenance
-
-    record = provenance(job.model, job.settings, tile=job.tile, device=job.device_description,
-                        checkpoint=job.checkpoint, input_layers=job.af.layer_names,
-                        channel_names=job.af.channel_names, af_shape=list(job.af.data.shape),
-                        af_pixel_size_um=job.af.pixel_size)
+    """The run as it ran (the engine's provenance: call times, tile, device, dtype) plus
+    where its input came from."""
+    record = dict(result.provenance, checkpoint=job.checkpoint,
+                  input_layers=job.af.layer_names, channel_names=job.af.channel_names,
+                  af_shape=list(job.af.data.shape), af_pixel_size_um=job.af.pixel_size)
     return StainedRun(job=job, samples=result.samples, rgb=result.rgb, cv=result.cv,
                       provenance=record)
 

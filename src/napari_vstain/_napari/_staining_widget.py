@@ -7,6 +7,7 @@ module only reads the controls, starts and cancels the worker and updates layers
 
 from __future__ import annotations
 
+import enum
 import threading
 from pathlib import Path
 from typing import Optional
@@ -16,6 +17,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpin
 from napari.utils.notifications import show_error, show_info
 from psygnal import Signal
 
+from ..settings import CONVENTIONS, DEFAULT_CONVENTION, SAMPLERS, SETTINGS, StainSettings
 from ._layers import ROLE, is_single_or_multichannel_image
 from ._staining import (StainJob, af_from_layers, cv_display_range, finished_run,
                         output_layer_data, stain_steps)
@@ -45,10 +47,24 @@ def describe_model(model, path) -> str:
              f"hash {digest}"]
     if config.description:
         lines.append(config.description)
-    source = (getattr(model, "extra", None) or {}).get("source")
-    if source:
-        lines.append(f"source: {source}")
+    extra = getattr(model, "extra", None) or {}
+    if extra.get("source"):
+        lines.append(f"source: {extra['source']}")
+    if extra.get("sampling_convention"):
+        takers = ", ".join(s.name for s in SAMPLERS.values() if "convention" in s.takes)
+        lines.append(f"To reproduce its authors' images choose Convention "
+                     f"{extra['sampling_convention']} ({takers}).")
     return "\n".join(lines)
+
+
+class RunState(enum.Enum):
+    """Where the dock's staining run is."""
+
+    IDLE = "idle"  # no run, or the last one has finished
+    RUNNING = "running"
+    CANCELLING = "cancelling"  # Cancel pressed: the run stops at its next network call
+    RETURNED = "returned"  # the result arrived; the worker is finishing
+    FAILED = "failed"  # the run raised; the worker is finishing
 
 
 class StainingWidget(Container):
@@ -64,9 +80,7 @@ class StainingWidget(Container):
         self._model_path: Optional[Path] = None
         self._worker = None
         self._cancel_event: Optional[threading.Event] = None
-        self._cancel_requested = False
-        self._run_failed = False
-        self._result_received = False
+        self.state = RunState.IDLE
         self._job: Optional[StainJob] = None
         self._progress_bar = None
         self.last_run = None  # the _staining.StainedRun shown in the layers
@@ -80,22 +94,34 @@ class StainingWidget(Container):
         self._model_info = Label(label="Model", value="")
         self._import_button = PushButton(text="Import authors' weights...")
         self._device = ComboBox(label="Device", choices=device_choices(), value="auto")
-        from ..engine.inference import StainSettings
-        from ..engine.samplers import SAMPLERS
-
         defaults = StainSettings()
+
+        def spin(kind, name, **options):  # a control with the sampler table's label, range, help
+            setting = SETTINGS[name]
+            top = setting.maximum if isinstance(setting.maximum, (int, float)) else 1000
+            value = getattr(defaults, name)
+            arguments = dict(label=setting.label, min=setting.minimum, max=top,
+                             value=0 if value is None else value,
+                             tooltip=setting.help[0].upper() + setting.help[1:] + ".")
+            return kind(**{**arguments, **options})
+
         self._sampler = ComboBox(label="Sampler", choices=list(SAMPLERS),
-                                 value=defaults.sampler)
-        self._t_exit = SpinBox(label="t_e", min=0, max=1000, value=defaults.t_exit,
-                               tooltip="Exit step of the mean and skip samplers.")
-        self._steps = SpinBox(label="Steps", min=0, max=1000, value=defaults.steps or 0,
-                              tooltip="Network calls per sample on a respaced grid; 0 = all T.")
+                                 value=defaults.sampler,
+                                 tooltip="\n".join(f"{s.name}: {s.description}"
+                                                   for s in SAMPLERS.values()))
+        self._t_exit = spin(SpinBox, "t_exit")
+        self._steps = spin(SpinBox, "steps", min=0,
+                           value=SAMPLERS[defaults.sampler].default_steps or 0)
+        self._steps.tooltip += " 0 = all T."
         self._steps.native.setSpecialValueText("all T")
-        self._eta = FloatSpinBox(label="eta", min=0.0, max=1.0, step=0.1, value=defaults.eta,
-                                 tooltip="Fast sampler: 0 deterministic, 1 fully stochastic.")
-        self._samples = SpinBox(label="Samples N", min=1, max=MAX_SAMPLES,
-                                value=defaults.samples)
-        self._seed = SpinBox(label="Seed", min=0, max=2**31 - 1, value=defaults.seed)
+        self._eta = spin(FloatSpinBox, "eta", step=0.1)
+        self._convention = ComboBox(label="Convention", choices=list(CONVENTIONS),
+                                    value=DEFAULT_CONVENTION,
+                                    tooltip="\n".join(f"{k}: {v}"
+                                                      for k, v in CONVENTIONS.items()))
+        self._samples = spin(SpinBox, "samples", max=MAX_SAMPLES)
+        self._seed = spin(SpinBox, "seed")
+        self._plan = Label(label="Will run", value="")
         self._tile = SpinBox(label="Tile (px)", min=0, max=8192, value=0,
                              tooltip="Tile side in output pixels; 0 = the model's default "
                                      "tile.")
@@ -113,11 +139,12 @@ class StainingWidget(Container):
         self._cv_legend = Label(value="")
         super().__init__(widgets=[
             self._inputs, self._checkpoint, self._model_info, self._import_button,
-            self._device, self._sampler, self._t_exit, self._steps, self._eta, self._samples,
-            self._seed, self._tile, self._keep_samples, self._run_button, self._status,
-            self._averaged, self._cv_colormap, self._cv_max, self._cv_legend])
+            self._device, self._sampler, self._t_exit, self._steps, self._eta,
+            self._convention, self._samples, self._seed, self._tile, self._plan,
+            self._keep_samples, self._run_button, self._status, self._averaged,
+            self._cv_colormap, self._cv_max, self._cv_legend])
 
-        for label in (self._model_info, self._status, self._cv_legend):
+        for label in (self._model_info, self._status, self._cv_legend, self._plan):
             label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
         self._inputs.native.setMaximumHeight(90)
         self._checkpoint.changed.connect(lambda value: self.load_checkpoint(value))
@@ -127,7 +154,9 @@ class StainingWidget(Container):
         self._cv_colormap.changed.connect(lambda _: self._refresh_cv_display())
         self._cv_max.changed.connect(lambda _: self._refresh_cv_display())
         self._keep_samples.changed.connect(lambda _: self._refresh_layers())
-        self._sampler.changed.connect(lambda _: self._enable_sampler_controls())
+        self._sampler.changed.connect(lambda _: self._sampler_changed())
+        for control in (self._t_exit, self._steps, self._eta, self._convention, self._samples):
+            control.changed.connect(lambda _: self._show_plan())
         napari_viewer.layers.events.inserted.connect(lambda _: self._layers_changed())
         napari_viewer.layers.events.removed.connect(lambda _: self._layers_changed())
         self._enable_sampler_controls()
@@ -154,9 +183,36 @@ class StainingWidget(Container):
                 return
 
     def _enable_sampler_controls(self):
-        sampler = self._sampler.value
-        self._t_exit.enabled = sampler in ("mean", "skip")
-        self._eta.enabled = sampler == "fast"
+        takes = SAMPLERS[self._sampler.value].takes
+        self._t_exit.enabled = "t_exit" in takes
+        self._eta.enabled = "eta" in takes
+        self._convention.enabled = "convention" in takes
+        self._show_plan()
+
+    def _sampler_changed(self):
+        """A new sampler starts from its own default step count (as on the command line)."""
+        self._steps.value = SAMPLERS[self._sampler.value].default_steps or 0
+        if "convention" not in SAMPLERS[self._sampler.value].takes:
+            self._convention.value = DEFAULT_CONVENTION
+        self._enable_sampler_controls()
+
+    def settings(self) -> StainSettings:
+        """The sampling settings the controls show (not yet checked against the model)."""
+        return StainSettings(sampler=self._sampler.value, steps=self._steps.value or None,
+                             t_exit=self._t_exit.value, eta=float(self._eta.value),
+                             samples=self._samples.value, seed=self._seed.value,
+                             convention=self._convention.value)
+
+    def _show_plan(self):
+        """Before Run: what will run, e.g. 'mean: 4 stochastic steps + 1 deterministic step,
+        5 calls per sample, N = 4: 20 network calls', or why it cannot."""
+        if self.model is None:
+            self._plan.value = "No model loaded."
+            return
+        try:
+            self._plan.value = self.settings().describe(self.model.config.num_steps)
+        except ValueError as error:
+            self._plan.value = f"Cannot run: {error}"
 
     # ---- model ----------------------------------------------------------------------------
 
@@ -194,6 +250,7 @@ class StainingWidget(Container):
         self._model_info.value = describe_model(model, path)
         self._t_exit.max = config.num_steps
         self._steps.max = config.num_steps
+        self._show_plan()
         from ..engine.tiling import default_tile, minimum_tile, tile_unit
 
         self._tile.step = tile_unit(config)
@@ -247,7 +304,7 @@ class StainingWidget(Container):
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        return self.state is not RunState.IDLE
 
     def run_or_cancel(self):
         if self.running:
@@ -259,7 +316,6 @@ class StainingWidget(Container):
         """Read and check the controls and the input layers (ValueError with a sentence)."""
         from ..engine.checkpoint import CheckpointError
         from ..engine.devices import describe_device, resolve_device
-        from ..engine.inference import StainSettings
         from ..engine.tiling import check_tile
 
         if self.model is None:
@@ -273,10 +329,7 @@ class StainingWidget(Container):
                              "choose the AF input again.")
         layers = [self._viewer.layers[n] for n in names]
         af = af_from_layers(layers, config.af_channels)
-        settings = StainSettings(sampler=self._sampler.value,
-                                 steps=self._steps.value or None, t_exit=self._t_exit.value,
-                                 eta=float(self._eta.value), samples=self._samples.value,
-                                 seed=self._seed.value).validate(config.num_steps)
+        settings = self.settings().validate(config.num_steps)
         tile = check_tile(config, self._tile.value) if self._tile.value else None
         device = resolve_device(self._device.value)
         return StainJob(model=self.model, af=af, settings=settings, tile=tile, device=device,
@@ -297,9 +350,7 @@ class StainingWidget(Container):
             return
         self._job = job
         self._cancel_event = threading.Event()
-        self._cancel_requested = False
-        self._run_failed = False
-        self._result_received = False
+        self.state = RunState.RUNNING
         self._progress_bar = progress(total=0, desc="Virtual staining")
         worker = create_worker(stain_steps, job, self._cancel_event, _start_thread=False)
         worker.yielded.connect(lambda report: self._on_progress(worker, report))
@@ -314,15 +365,15 @@ class StainingWidget(Container):
 
     def cancel(self):
         """Stop the run at its next network call; the layers keep the previous result."""
-        if not self.running:
+        if self.state is not RunState.RUNNING:
             return
-        self._cancel_requested = True
+        self.state = RunState.CANCELLING
         self._cancel_event.set()
         self._worker.quit()
         self._set_status("Cancelling after the current network call...")
 
     def _on_progress(self, worker, report):
-        if worker is not self._worker or self._cancel_requested or self._result_received:
+        if worker is not self._worker or self.state is not RunState.RUNNING:
             return  # a late report of a finished or cancelled run
         done, total = report
         self._set_status(f"Network call {done} of {total}")
@@ -334,9 +385,9 @@ class StainingWidget(Container):
             bar.update(done - bar.n)
 
     def _on_returned(self, result):
-        self._result_received = True
-        if self._cancel_requested:  # finished just as the user cancelled: keep the old layers
+        if self.state is RunState.CANCELLING:  # finished as the user cancelled: keep old layers
             return
+        self.state = RunState.RETURNED
         self.last_run = finished_run(self._job, result)
         count = self.last_run.count
         self._averaged.enabled = False
@@ -348,18 +399,18 @@ class StainingWidget(Container):
                          f"{result.rgb.shape[1]} x {result.rgb.shape[0]} px.")
 
     def _on_error(self, error):
-        from ..engine.samplers import Cancelled
+        from ..errors import Cancelled
 
-        if isinstance(error, Cancelled) or self._cancel_requested:
+        if isinstance(error, Cancelled) or self.state is RunState.CANCELLING:
             return  # reported by _on_finished
-        self._run_failed = True
+        self.state = RunState.FAILED
         if isinstance(error, (ValueError, OSError, MemoryError)):
             self._notify_error(f"Virtual staining failed: {error}")
         else:
             self._notify_error(f"Virtual staining failed ({type(error).__name__}): {error}")
 
     def _on_aborted(self):
-        self._cancel_requested = True
+        self.state = RunState.CANCELLING
 
     def _on_finished(self):
         if self._progress_bar is not None:
@@ -367,13 +418,11 @@ class StainingWidget(Container):
             self._progress_bar = None
         self._worker = None
         self._run_button.text = "Run"
-        if self._cancel_requested:
+        outcome = {RunState.CANCELLING: "cancelled", RunState.FAILED: "error"}.get(self.state,
+                                                                                 "done")
+        if outcome == "cancelled":
             self._set_status("Cancelled; the previous result is kept.")
-            outcome = "cancelled"
-        elif self._run_failed:
-            outcome = "error"
-        else:
-            outcome = "done"
+        self.state = RunState.IDLE
         self.run_finished.emit(outcome)
 
     # ---- layers -----------------------------------------------------------------------------

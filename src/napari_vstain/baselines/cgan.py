@@ -10,9 +10,10 @@ discriminator = half the BCE of real and generated pairs. Adam, lr 2e-4, betas (
 Differences from pix2pix: instance norm instead of batch norm, and no dropout (the generator
 is deterministic).
 
-Data, crops and augmentations come from train.load_training_data and data.patches, so a cGAN
-trained with the same settings sees the same images as the diffusion model. Checkpoints are
-safetensors files (generator and front end only; never pickled), written atomically.
+Data, crops and augmentations come from training.data.load_training_data and data.patches,
+so a cGAN trained with the same settings sees the same images as the diffusion model.
+Checkpoints are safetensors files (generator and front end only; never pickled), written
+atomically.
 
 `vstain train-cgan` trains one; `vstain evaluate --cgan FILE` evaluates it.
 """
@@ -77,7 +78,7 @@ class CGANConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CGANConfig":
-        from ..engine.model import config_from_dict
+        from ..engine.config import config_from_dict
 
         return config_from_dict(cls, data, "cGAN settings")
 
@@ -304,7 +305,8 @@ def save_cgan(model, path, extra: Optional[dict] = None, overwrite: bool = False
     a safetensors file with the config and a content hash; returns the hash."""
     from safetensors.torch import save_file
 
-    from ..engine.checkpoint import atomic_write, content_hash
+    from ..atomic import atomic_write
+    from ..engine.checkpoint import content_hash
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
              if not k.startswith("discriminator.")}
@@ -367,6 +369,10 @@ def settings_like(checkpoint) -> dict:
 
 
 def configure_cli(parser) -> None:
+    # Every default shown in the help is read from the dataclasses, never typed here.
+    from ..training.settings import TRAIN_SEED_START, TrainSettings
+
+    settings, config = TrainSettings(), CGANConfig()
     parser.add_argument("--like", metavar="CHECKPOINT", help="take the data, crop, batch size, "
                         "seed, front-end widths and wall-clock budget from this trained "
                         "diffusion checkpoint (flags given explicitly still win)")
@@ -374,24 +380,29 @@ def configure_cli(parser) -> None:
     source.add_argument("--data", metavar="DIR", help="folder of paired <name>_af / <name>_he "
                         "images (the last by name is not trained on, as in `vstain train`)")
     source.add_argument("--simulate", metavar="TISSUES", help="train on the simulated pairs "
-                        "`vstain train --simulate` uses, e.g. lung,heart (seeds >= 1000)")
-    parser.add_argument("--simulate-count", type=int,
-                        help="simulated pairs per tissue (default 16, as vstain train)")
-    parser.add_argument("--simulate-size", type=int,
-                        help="H&E size of simulated pairs in px (default 256)")
-    parser.add_argument("--factor", type=int, help="super-resolution factor k (default 4)")
+                        "`vstain train --simulate` uses, e.g. lung,heart "
+                        f"(seeds >= {TRAIN_SEED_START})")
+    parser.add_argument("--simulate-count", type=int, help="simulated pairs per tissue "
+                        f"(default {settings.simulate_count}, as vstain train)")
+    parser.add_argument("--simulate-size", type=int, help="H&E size of simulated pairs in px "
+                        f"(default {settings.simulate_size})")
+    parser.add_argument("--factor", type=int, help="super-resolution factor k "
+                        f"(default {config.factor})")
     parser.add_argument("--steps", type=int, help="optimiser steps (default: until the time "
-                        "limit; 2000 when no --max-minutes)")
+                        f"limit; {settings.steps} when no --max-minutes)")
     parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
                         help="register each H&E image onto its AF image (affine) before "
                              "training, as `vstain train --register`")
     parser.add_argument("--max-minutes", type=float, help="wall-clock budget in minutes")
-    parser.add_argument("--batch-size", type=int, help="crops per step (default 8)")
-    parser.add_argument("--crop", type=int, help="H&E crop in px (default 64)")
-    parser.add_argument("--seed", type=int, help="seed of crops and initial weights (default 0)")
-    parser.add_argument("--base-channels", type=int,
-                        help="generator and discriminator width (pix2pix ngf = ndf, default 64)")
-    parser.add_argument("--depth", type=int, help="generator stride-2 levels (default 5)")
+    parser.add_argument("--batch-size", type=int, help="crops per step "
+                        f"(default {settings.batch_size})")
+    parser.add_argument("--crop", type=int, help=f"H&E crop in px (default {config.train_crop})")
+    parser.add_argument("--seed", type=int, help="seed of crops and initial weights "
+                        f"(default {settings.seed})")
+    parser.add_argument("--base-channels", type=int, help="generator and discriminator width "
+                        f"(pix2pix ngf = ndf, default {config.base_channels})")
+    parser.add_argument("--depth", type=int, help="generator stride-2 levels "
+                        f"(default {config.depth})")
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -404,7 +415,8 @@ def run_cli(args) -> int:
     import torch
 
     from ..engine.devices import resolve_device
-    from ..train import SIMULATED_TISSUES, TrainSettings, load_training_data
+    from ..training.data import load_training_data
+    from ..training.settings import SIMULATED_TISSUES, TrainSettings
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
@@ -432,7 +444,9 @@ def run_cli(args) -> int:
         value = getattr(args, name)
         return value if value is not None else like.get(name, default)
 
-    crop, batch_size, seed = pick("crop", 64), pick("batch_size", 8), pick("seed", 0)
+    defaults, default_config = TrainSettings(), CGANConfig()
+    crop = pick("crop", default_config.train_crop)
+    batch_size, seed = pick("batch_size", defaults.batch_size), pick("seed", defaults.seed)
     fields = dict(like.get("config", {}), train_crop=crop)
     if args.factor is not None:
         fields["factor"] = args.factor
@@ -443,15 +457,15 @@ def run_cli(args) -> int:
         fields["depth"] = args.depth
     config = CGANConfig.tiny(**fields) if args.tiny else CGANConfig(**fields)
     settings = TrainSettings(data=data, simulate=tissues,
-                             simulate_count=pick("simulate_count", 16),
-                             simulate_size=pick("simulate_size", 256), crop=crop,
-                             batch_size=batch_size, seed=seed,
-                             register=bool(pick("register", False))).validate()
+                             simulate_count=pick("simulate_count", defaults.simulate_count),
+                             simulate_size=pick("simulate_size", defaults.simulate_size),
+                             crop=crop, batch_size=batch_size, seed=seed,
+                             register=bool(pick("register", defaults.register))).validate()
     train_pairs, _validation, description = load_training_data(config, settings)
     max_minutes = args.max_minutes
     if max_minutes is None and like.get("training_time_s"):
         max_minutes = like["training_time_s"] / 60.0
-    steps = args.steps if args.steps or max_minutes else 2000
+    steps = args.steps if args.steps or max_minutes else defaults.steps
     device = resolve_device(args.device)
     model = build_cgan(config, seed=seed)
     print(f"Training the cGAN on {len(train_pairs)} pairs ({device}); budget: "

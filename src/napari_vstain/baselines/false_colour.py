@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..data.simulate import STAIN_VECTORS
+from ..data.rendering import STAIN_VECTORS
 
 # Ruifrok & Johnston (2001) optical density vectors (natural-log OD per unit stain, R, G, B).
 HAEMATOXYLIN_OD = np.array(STAIN_VECTORS["haematoxylin"], dtype=np.float32)

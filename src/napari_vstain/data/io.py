@@ -3,7 +3,7 @@
 Conventions: AF images come back as (C, Y, X) float32 with their raw intensities (the engine
 normalises them per image); RGB images as (Y, X, 3) uint8. Pixel sizes are (y, x) in
 micrometres, or None when the file does not say. Every file is written through
-`engine.checkpoint.atomic_write`: a temporary file renamed into place, never half-written,
+`atomic.atomic_write`: a temporary file renamed into place, never half-written,
 never replacing an existing file unless asked.
 
 Bad input raises `InputError` (a ValueError) with a sentence saying what is wrong and what to do.
@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
+
+from ..errors import InputError, MissingInputError
 
 # Images smaller than this (pixels per side) are refused: nothing useful can be stained.
 MIN_IMAGE_SIZE = 8
@@ -48,14 +50,6 @@ _MICROMETRES_PER_UNIT = {
 # A resolution tag giving pixels larger than this is a desktop default (72 or 96 dpi), not a
 # microscope's pixel size; such tags are ignored.
 _MAX_PLAUSIBLE_PIXEL_UM = 50.0
-
-
-class InputError(ValueError):
-    """An input image that cannot be used; the message says why and what to do."""
-
-
-class MissingInputError(InputError, FileNotFoundError):
-    """The input file does not exist."""
 
 
 @dataclass
@@ -615,7 +609,7 @@ def write_ome_tiff(path, data, axes: str, pixel_size=None,
     `overwrite` (FileExistsError)."""
     import tifffile
 
-    from ..engine.checkpoint import atomic_write
+    from ..atomic import atomic_write
 
     data = _writable_array(data, axes)
     if channel_names is not None:
@@ -634,7 +628,7 @@ def write_png(path, rgb, overwrite: bool = False) -> Path:
     `overwrite`."""
     from PIL import Image
 
-    from ..engine.checkpoint import atomic_write
+    from ..atomic import atomic_write
 
     rgb = _writable_array(rgb, "YXS")
     return atomic_write(Path(path), lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"),

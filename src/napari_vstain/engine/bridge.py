@@ -3,7 +3,7 @@
 Conventions: images are tensors (B, C, H, W); x0 is the target (H&E RGB in [-1, 1]), y is the
 condition (the dimension-matching CNN's output, same shape). Time steps are integers 0..T with
 m_t = t / T and delta_t = 2 s (m_t - m_t^2), so x_T = y exactly and x_0 = x0.
-See README "The bridge" and ../shared/notes/bridge-math.md for the formulas.
+See README "The bridge" for the formulas.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-OBJECTIVES = ("grad", "noise", "ysubx")
-LOSSES = ("l1", "l2")
+from ..settings import DEFAULT_CONVENTION
+from .config import LOSSES, OBJECTIVES
 
 
 def _as_image_coefficient(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -84,22 +84,29 @@ class BridgeSchedule:
         raise ValueError(f"Unknown loss {loss_type!r}; choose one of {LOSSES}.")
 
     # ---- reverse process ---------------------------------------------------------------
-    def step_variance(self, t: int, s: int, eta: float) -> float:
-        """sigma^2 of the step t -> s (s < t); eta = 1 is the bridge posterior, eta = 0 none."""
+    def step_variance(self, t: int, s: int, eta: float,
+                      convention: str = DEFAULT_CONVENTION) -> float:
+        """sigma^2 of the step t -> s (s < t); eta = 1 is the bridge posterior, eta = 0 none.
+        convention "authors-code": the ratio delta_t / delta_s of the authors' released code
+        instead of the exact delta_s / delta_t."""
         dt, ds = float(self.delta(t)), float(self.delta(s))
         if dt == 0.0 or ds == 0.0:
             return 0.0
         ms, mt = float(self.m(s)), float(self.m(t))
         one_step = dt - ds * (1 - mt) ** 2 / (1 - ms) ** 2
-        return max(eta**2 * one_step * ds / dt, 0.0)
+        ratio = ds / dt if convention == DEFAULT_CONVENTION else dt / ds
+        return max(eta**2 * one_step * ratio, 0.0)
 
-    def step(self, x_t, y, x0_hat, t: int, s: int, eta: float, noise):
+    def step(self, x_t, y, x0_hat, t: int, s: int, eta: float, noise,
+             convention: str = DEFAULT_CONVENTION):
         """One reverse step t -> s with the same formula for every sampler.
 
         x_s = (1 - m_s) x0_hat + m_s y + sqrt(delta_s - sigma^2) eps_hat + sigma z, where
         eps_hat is the noise implied by x_t and x0_hat. `noise` is z; pass None to drop the
         sigma z term (the posterior mean). At t = T (delta_T = 0) eps_hat is undefined: the
         whole variance delta_s comes from `noise` (the booting noise of the eta = 0 sampler).
+        With convention "authors-code" the mean stays the exact one and only the variance of
+        the noise term is the authors' (`step_variance`).
         """
         if not 0 <= s < t <= self.num_steps:
             raise ValueError(f"A reverse step needs 0 <= s < t <= T, got t={t}, s={s}.")
@@ -115,6 +122,8 @@ class BridgeSchedule:
         eps_hat = (x_t - (1 - mt) * x0_hat - mt * y) / dt**0.5
         sigma2 = self.step_variance(t, s, eta)
         x_s = mean_part + max(ds - sigma2, 0.0) ** 0.5 * eps_hat
-        if noise is not None and sigma2 > 0:
-            x_s = x_s + sigma2**0.5 * noise
+        noise_variance = (sigma2 if convention == DEFAULT_CONVENTION
+                          else self.step_variance(t, s, eta, convention))
+        if noise is not None and noise_variance > 0:
+            x_s = x_s + noise_variance**0.5 * noise
         return x_s

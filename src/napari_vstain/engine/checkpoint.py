@@ -6,21 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from ..atomic import atomic_write
+from ..errors import CheckpointError
 from .model import ModelConfig, VStainModel
 
 FORMAT_NAME = "napari-vstain"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message says why and what to do."""
 
 
 def content_hash(state: dict) -> str:
@@ -31,28 +27,6 @@ def content_hash(state: dict) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
-
-
-def atomic_write(path: Path, write, overwrite: bool = False) -> Path:
-    """Call write(temporary_path), then rename it onto `path`: never a half-written file.
-    Refuses to replace an existing file unless `overwrite`."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; choose another name or allow "
-                              "overwriting (--overwrite).")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; give the usual mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
 
 
 def save_model(model: VStainModel, path, extra: Optional[dict] = None,

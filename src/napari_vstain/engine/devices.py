@@ -131,16 +131,21 @@ def bf16_supported(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def autocast_context(device, precision: str = "auto"):
-    """The mixed-precision context for network calls: 'auto' is bf16 on CUDA cards that
-    support it and float32 elsewhere (bf16 is slower than float32 for GroupNorm-heavy
-    U-Nets on CPUs); 'bf16' and 'fp32' force a choice."""
-    import torch
-
+def network_dtype(device, precision: str = "auto") -> str:
+    """The number type of the network calls: 'auto' is bfloat16 on CUDA cards that support
+    it and float32 elsewhere (bf16 is slower than float32 for GroupNorm-heavy U-Nets on
+    CPUs); 'bf16' and 'fp32' force a choice."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"Unknown precision {precision!r}; choose auto, bf16 or fp32.")
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device))
-    if not use_bf16:
+    return "bfloat16" if use_bf16 else "float32"
+
+
+def autocast_context(device, precision: str = "auto"):
+    """The mixed-precision context for network calls (`network_dtype`)."""
+    import torch
+
+    if network_dtype(device, precision) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 

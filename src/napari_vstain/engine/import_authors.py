@@ -50,8 +50,7 @@ DATA_PARALLEL_PREFIX = "module."
 
 def paper_config():
     """The ModelConfig of the authors' published 5x model."""
-    from .model import ModelConfig
-    from .unet import UNetConfig
+    from .config import ModelConfig, UNetConfig
 
     return ModelConfig(
         af_channels=4, factor=5, cnn_width=64, cnn_hidden=320, cnn_negative_slope=0.01,
@@ -203,6 +202,7 @@ def import_weights(unet_pt, cnn_pt, out_path, overwrite: bool = False, config=No
     `config` defaults to `paper_config()` (other values are for tests and variants of their
     code). Refuses files with missing, unexpected or wrongly shaped weights, naming them.
     """
+    from ..settings import AUTHORS_CONVENTION
     from .checkpoint import save_model
     from .model import VStainModel
 
@@ -216,7 +216,9 @@ def import_weights(unet_pt, cnn_pt, out_path, overwrite: bool = False, config=No
     model.load_state_dict(state, strict=True)
     extra = {"source": f"{AUTHORS_REPOSITORY}: U-Net {unet_pt.name}, CNN {cnn_pt.name}",
              "license": AUTHORS_LICENSE,
-             "source_sha256": {unet_pt.name: _sha256(unet_pt), cnn_pt.name: _sha256(cnn_pt)}}
+             "source_sha256": {unet_pt.name: _sha256(unet_pt), cnn_pt.name: _sha256(cnn_pt)},
+             # the sampler convention that reproduces their published images
+             "sampling_convention": AUTHORS_CONVENTION}
     save_model(model.eval(), out_path, extra=extra, overwrite=overwrite)
     return out_path
 

@@ -1,53 +1,19 @@
-"""Staining with N averaged samples: settings shared by the CLI, the widgets and the tests."""
+"""Staining with N averaged samples (the settings are napari_vstain.settings.StainSettings),
+the global noise field, and the provenance record of a run."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from ..settings import StainSettings
 from .model import VStainModel, af_statistics, model_to_rgb, normalise_af
-from .samplers import SAMPLERS, coefficient_of_variation, network_calls, run_sampler
+from .samplers import coefficient_of_variation, run_sampler
 
 NOISE_BLOCK = 64  # side (target pixels) of the independently seeded blocks of the noise field
-
-
-@dataclass
-class StainSettings:
-    """How to sample. Defaults: the fast deterministic sampler, 5 steps, 4 averaged samples
-    (the best SSIM per network call of the demo model in benchmarks/results)."""
-
-    sampler: str = "fast"
-    steps: Optional[int] = 5  # None: all T steps (vanilla, mean, skip)
-    t_exit: int = 50
-    eta: float = 0.0
-    samples: int = 4
-    seed: int = 0
-
-    def validate(self, num_steps: int) -> "StainSettings":
-        """Refuse bad settings with a sentence that says what to change."""
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {self.sampler!r}; choose one of "
-                             f"{', '.join(SAMPLERS)}.")
-        if self.steps is not None and not 1 <= self.steps <= num_steps:
-            raise ValueError(f"--steps must be between 1 and the model's T = {num_steps}; "
-                             f"got {self.steps}.")
-        if self.sampler in ("mean", "skip") and not 0 <= self.t_exit <= num_steps:
-            raise ValueError(f"--t-exit must be between 0 and T = {num_steps}; got {self.t_exit}.")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"--eta must be between 0 and 1; got {self.eta}.")
-        if self.samples < 1:
-            raise ValueError(f"--samples must be at least 1; got {self.samples}.")
-        return self
-
-    def calls_per_sample(self, num_steps: int) -> int:
-        return network_calls(self.sampler, num_steps, self.steps, self.t_exit)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
@@ -64,6 +30,7 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
     settings.validate(cfg.num_steps)
     indices = list(range(settings.samples)) if sample_indices is None else list(sample_indices)
     batch_size = len(indices) if batch_size is None else max(1, int(batch_size))
+    grid = settings.grid(cfg.num_steps)
     calls = settings.calls_per_sample(cfg.num_steps)
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
     outputs = []
@@ -80,10 +47,8 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
                 return None if callback is None else callback(offset + done,
                                                               calls * len(chunks))
 
-            outputs.append(run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
-                                       model.schedule, steps=settings.steps,
-                                       t_exit=settings.t_exit, eta=settings.eta, noise=noise,
-                                       callback=progress))
+            outputs.append(run_sampler(settings, model.denoiser(y, af_batch), y,
+                                       model.schedule, grid, noise=noise, callback=progress))
     return torch.cat(outputs)
 
 
@@ -141,21 +106,23 @@ class NoiseField:
 
 @dataclass
 class StainResult:
-    """Stained image (H, W, 3) uint8 (mean of N), CV map (H, W) float32, optional samples."""
+    """Stained image (H, W, 3) uint8 (mean of N), CV map (H, W) float32, optional samples,
+    and the provenance record of what ran (`provenance`)."""
 
     rgb: np.ndarray
     cv: np.ndarray
     samples: Optional[np.ndarray]  # (N, H, W, 3) uint8
     settings: StainSettings
+    provenance: dict = field(default_factory=dict)
 
 
 def summarise_samples(samples: torch.Tensor, settings: StainSettings,
-                      keep_samples: bool = False) -> StainResult:
+                      keep_samples: bool = False, record: Optional[dict] = None) -> StainResult:
     """Average N samples (N, 3, H, W) in [-1, 1] and compute the per-pixel CV map."""
     mean = samples.mean(dim=0)
     cv = coefficient_of_variation(samples).cpu().numpy().astype(np.float32)
     kept = (np.stack([model_to_rgb(s) for s in samples]) if keep_samples else None)
-    return StainResult(model_to_rgb(mean), cv, kept, settings)
+    return StainResult(model_to_rgb(mean), cv, kept, settings, dict(record or {}))
 
 
 def stain_image(model: VStainModel, af: np.ndarray, settings: StainSettings,
@@ -175,17 +142,20 @@ def stain_image(model: VStainModel, af: np.ndarray, settings: StainSettings,
     tensor = torch.from_numpy(np.ascontiguousarray(norm))[None].to(device)
     samples = stain_samples(model, tensor, settings, callback)
     samples = samples[..., : h * cfg.factor, : w * cfg.factor]
-    return summarise_samples(samples, settings, keep_samples)
+    from .devices import describe_device
+
+    record = provenance(model, settings, tile=None, overlap=None,
+                        device=describe_device(tensor.device), dtype="float32")
+    return summarise_samples(samples, settings, keep_samples, record)
 
 
-def provenance(model: VStainModel, settings: StainSettings, **extra) -> dict:
-    """What made an image: recorded in written files and in napari layer metadata."""
+def provenance(model: VStainModel, settings: StainSettings, **run) -> dict:
+    """What made an image: the software, the checkpoint, the settings as they ran (the
+    network-call times included) and `run` (tile, overlap, device, dtype, ...). Recorded in
+    written files, napari layer metadata and `vstain demo`'s metrics.json alike."""
     from .. import __version__
 
-    record = {"software": "napari-vstain", "version": __version__,
-              "checkpoint_hash": getattr(model, "content_hash", None),
-              "factor": model.config.factor, "num_steps": model.config.num_steps,
-              "network_calls_per_sample": settings.calls_per_sample(model.config.num_steps),
-              **settings.to_dict()}
-    record.update(extra)
-    return record
+    return {"software": "napari-vstain", "version": __version__,
+            "checkpoint_hash": getattr(model, "content_hash", None),
+            "factor": model.config.factor, "num_steps": model.config.num_steps,
+            **settings.record(model.config.num_steps), **run}

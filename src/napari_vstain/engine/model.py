@@ -6,8 +6,6 @@ Conventions: AF images enter as (B, C, h, w) float tensors already normalised wi
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -15,90 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bridge import LOSSES, OBJECTIVES, BridgeSchedule
+from .config import (AF_NORMALISATIONS, ModelConfig, UNetConfig,  # noqa: F401 (re-exported)
+                     config_from_dict)
 from .dimension_cnn import DimensionMatchingCNN
-from .unet import UNet, UNetConfig
-
-# "zscore": per channel; "zscore_joint": one mean and std over all channels (authors' code).
-AF_NORMALISATIONS = ("percentile", "zscore", "zscore_joint")
-
-
-@dataclass
-class ModelConfig:
-    """Every setting of a model; saved inside each checkpoint (one source of truth)."""
-
-    af_channels: int = 4
-    factor: int = 4  # super-resolution factor k
-    cnn_width: int = 64
-    cnn_hidden: int = 320
-    cnn_negative_slope: float = 0.2  # LeakyReLU slope in the CNN (authors' weights: 0.01)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    # Also give the U-Net the (bilinearly upsampled) AF itself, not only the CNN's 3 channels.
-    unet_sees_af: bool = False
-    num_steps: int = 1000  # T
-    max_variance: float = 1.0  # s
-    objective: str = "grad"
-    loss: str = "l1"
-    clip_x0: bool = True
-    # Extra weight on an L1 loss pulling the CNN output y towards the target (0: off).
-    condition_loss_weight: float = 0.0
-    af_normalisation: str = "percentile"
-    af_percentiles: tuple = (0.5, 99.5)
-    train_crop: int = 64  # target-resolution crop size the model was trained on (tile size)
-    description: str = ""
-
-    def __post_init__(self):
-        if isinstance(self.unet, dict):
-            self.unet = config_from_dict(UNetConfig, {k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in self.unet.items()},
-                                         "U-Net settings")
-        self.af_percentiles = tuple(self.af_percentiles)
-        expected_in = 6 + (self.af_channels if self.unet_sees_af else 0)
-        if self.unet.in_channels != expected_in:
-            self.unet = dataclasses.replace(self.unet, in_channels=expected_in)
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"Unknown objective {self.objective!r}; choose one of {OBJECTIVES}.")
-        if self.loss not in LOSSES:
-            raise ValueError(f"Unknown loss {self.loss!r}; choose one of {LOSSES}.")
-        if self.af_normalisation not in AF_NORMALISATIONS:
-            raise ValueError(f"Unknown AF normalisation {self.af_normalisation!r}; "
-                             f"choose one of {AF_NORMALISATIONS}.")
-        if self.af_channels < 1:
-            raise ValueError(f"A model needs at least one AF channel, got {self.af_channels}.")
-
-    @property
-    def schedule(self) -> BridgeSchedule:
-        return BridgeSchedule(self.num_steps, self.max_variance)
-
-    @property
-    def af_size_multiple(self) -> int:
-        """AF sizes must be multiples of this, so that k times them suits the U-Net's depth."""
-        return self.unet.size_multiple // int(np.gcd(self.unet.size_multiple, self.factor))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ModelConfig":
-        return config_from_dict(cls, data, "model settings")
-
-    @classmethod
-    def tiny(cls, **overrides) -> "ModelConfig":
-        """A few-thousand-parameter model for tests (16-32 px crops)."""
-        base = dict(cnn_width=8, cnn_hidden=16, train_crop=16,
-                    unet=UNetConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
-                                    attention_downsample=(2,), num_heads=2, norm_groups=4))
-        base.update(overrides)
-        return cls(**base)
-
-
-def config_from_dict(cls, data: dict, what: str):
-    """Build a config dataclass from saved JSON, refusing settings it does not know."""
-    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
-    if unknown:
-        raise ValueError(f"Unknown {what} {unknown}: the checkpoint was written by a newer or "
-                         "different program.")
-    return cls(**data)
+from .unet import UNet
 
 
 # ---- AF normalisation (per image, so every tile of one image is normalised alike) -------------

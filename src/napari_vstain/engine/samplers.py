@@ -2,42 +2,31 @@
 
 The model-call interface is `denoise(x_t, t) -> x0_hat`: given the current state (B, 3, H, W)
 and an integer time step t it returns the network's estimate of the clean image. Every sampler
-starts from x_T = y, walks a decreasing grid of time steps with `BridgeSchedule.step`, and
-differs only in eta, in where it drops the posterior noise, and in where it stops.
+gets the time grid built once by `settings.time_grid` (decreasing, from T), starts from
+x_T = y, walks the grid with `BridgeSchedule.step`, and differs only in which steps add
+posterior noise and where it stops. Which sampler takes which settings is in the sampler
+table (napari_vstain.settings); `run_sampler` dispatches by that table.
 
 Noise: every sampler takes `noise`, either a `torch.Generator` (an explicit seed: same seed,
 same image) or a callable `noise(call_index, like) -> Tensor` (tiled inference uses one global
-noise field so overlapping tiles see the same noise). Progress: `callback(done, total)` is
-called after each network call; returning False cancels the run by raising `Cancelled`.
+noise field so overlapping tiles see the same noise). Progress: a `progress.ProgressCallback`
+called after each network call; returning False cancels the run (raises `Cancelled`).
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
 
+from ..errors import Cancelled  # noqa: F401  (raised through progress.report)
+from ..progress import ProgressCallback, report
+from ..settings import (DEFAULT_CONVENTION, SAMPLERS, StainSettings, call_times,
+                        steps_are_stochastic)
 from .bridge import BridgeSchedule
 
 Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 NoiseSource = Union[torch.Generator, Callable[[int, torch.Tensor], torch.Tensor]]
-ProgressCallback = Callable[[int, int], Optional[bool]]
-
-SAMPLERS = ("vanilla", "mean", "skip", "fast")
-
-
-class Cancelled(Exception):
-    """Raised inside a sampler when the progress callback asks to stop."""
-
-
-def timestep_grid(num_steps: int, steps: Optional[int] = None) -> list[int]:
-    """Decreasing time steps T = t_0 > t_1 > ... > 0, evenly respaced when steps < T."""
-    steps = num_steps if steps is None else int(steps)
-    if not 1 <= steps <= num_steps:
-        raise ValueError(f"The step count must be between 1 and T={num_steps}, got {steps}.")
-    grid = np.round(np.linspace(num_steps, 0, steps + 1)).astype(int)
-    return [int(t) for t in grid]
 
 
 def _noise_fn(noise: Optional[NoiseSource]) -> Callable[[int, torch.Tensor], torch.Tensor]:
@@ -53,101 +42,84 @@ def _noise_fn(noise: Optional[NoiseSource]) -> Callable[[int, torch.Tensor], tor
     return draw
 
 
-def _report(callback: Optional[ProgressCallback], done: int, total: int) -> None:
-    if callback is not None and callback(done, total) is False:
-        raise Cancelled(f"Sampling cancelled after {done} of {total} network calls.")
-
-
-def _walk(denoise: Denoiser, y, schedule: BridgeSchedule, grid: list[int], eta: float,
-          noise: Optional[NoiseSource], callback, noise_until: int = 0,
-          exit_at: Optional[int] = None):
-    """The shared loop. Posterior noise is added on steps from t >= noise_until; with
-    `exit_at` the walk stops at the first grid time <= exit_at and returns x0_hat there."""
+def _walk(denoise: Denoiser, y, schedule: BridgeSchedule, grid, eta: float,
+          stochastic: Callable[[int], bool], noise: Optional[NoiseSource],
+          callback: Optional[ProgressCallback], convention: str = DEFAULT_CONVENTION):
+    """The shared loop over `grid`. A step from t adds posterior noise when stochastic(t);
+    the first step from T always draws noise (the booting noise when eta = 0), a step to 0
+    never does. A grid that ends above 0 (skip) ends with one more call, whose estimate is
+    returned. convention "authors-code" gives the network t - 1 and uses the authors'
+    noise variance."""
+    grid = [int(t) for t in grid]
+    if grid[0] != schedule.num_steps or any(a <= b for a, b in zip(grid, grid[1:])) \
+            or grid[-1] < 0:
+        raise ValueError(f"A time grid must decrease strictly from T = {schedule.num_steps} "
+                         f"to 0 or more; got {grid[:5]}...")
     draw = _noise_fn(noise)
-    if exit_at is not None:
-        cut = next(i for i, t in enumerate(grid) if t <= exit_at)
-        grid = grid[: cut + 1]
-        total = len(grid)
-    else:
-        total = len(grid) - 1
+    network_time = (lambda t: t - 1) if convention != DEFAULT_CONVENTION else (lambda t: t)
+    total = len(call_times(grid))
     x = y
     for call, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
-        x0_hat = denoise(x, t)
-        _report(callback, call + 1, total)
-        # The first step from T always needs its noise draw, even when eta = 0; the last
-        # step (to s = 0) has none.
-        wants_noise = s > 0 and (t == schedule.num_steps or (eta > 0 and t >= noise_until))
+        x0_hat = denoise(x, network_time(t))
+        report(callback, call + 1, total)
+        wants_noise = s > 0 and (t == schedule.num_steps or stochastic(t))
         z = draw(call, x) if wants_noise else None
-        x = schedule.step(x, y, x0_hat, t, s, eta, z)
-    if exit_at is not None:
-        x = denoise(x, grid[-1])
-        _report(callback, total, total)
+        x = schedule.step(x, y, x0_hat, t, s, eta, z, convention)
+    if grid[-1] > 0:
+        x = denoise(x, network_time(grid[-1]))
+        report(callback, total, total)
     return x
 
 
-def sample_vanilla(denoise: Denoiser, y, schedule: BridgeSchedule, steps: Optional[int] = None,
-                   noise: Optional[NoiseSource] = None, callback=None):
-    """Stochastic ancestral sampling (eta = 1) over all T steps, or a respaced grid of S."""
-    return _walk(denoise, y, schedule, timestep_grid(schedule.num_steps, steps), 1.0, noise,
-                 callback)
+def sample_vanilla(denoise: Denoiser, y, schedule: BridgeSchedule, grid,
+                   convention: str = DEFAULT_CONVENTION, noise: Optional[NoiseSource] = None,
+                   callback=None):
+    """Stochastic ancestral sampling: posterior noise (eta = 1) on every step."""
+    return _walk(denoise, y, schedule, grid, 1.0, lambda t: True, noise, callback, convention)
 
 
-def sample_mean(denoise: Denoiser, y, schedule: BridgeSchedule, t_exit: int = 50,
-                steps: Optional[int] = None, noise: Optional[NoiseSource] = None, callback=None):
-    """The paper's mean sampling: stochastic steps for t >= t_e, posterior mean below t_e."""
-    _check_exit(t_exit, schedule)
-    return _walk(denoise, y, schedule, timestep_grid(schedule.num_steps, steps), 1.0, noise,
-                 callback, noise_until=t_exit)
+def sample_mean(denoise: Denoiser, y, schedule: BridgeSchedule, grid, t_exit: int,
+                convention: str = DEFAULT_CONVENTION, noise: Optional[NoiseSource] = None,
+                callback=None):
+    """The paper's mean sampling: posterior noise on steps above t_e (the last noisy step
+    lands on t_e), the posterior mean on the steps below."""
+    if t_exit not in grid:
+        raise ValueError(f"The exit step t_e = {t_exit} is not on the time grid.")
+    return _walk(denoise, y, schedule, grid, 1.0,
+                 lambda t: steps_are_stochastic(t, t_exit), noise, callback, convention)
 
 
-def sample_skip(denoise: Denoiser, y, schedule: BridgeSchedule, t_exit: int = 50,
-                steps: Optional[int] = None, noise: Optional[NoiseSource] = None, callback=None):
-    """The paper's skip sampling: stochastic steps down to t_e, then return x0_hat there."""
-    _check_exit(t_exit, schedule)
-    return _walk(denoise, y, schedule, timestep_grid(schedule.num_steps, steps), 1.0, noise,
-                 callback, exit_at=t_exit)
+def sample_skip(denoise: Denoiser, y, schedule: BridgeSchedule, grid, t_exit: int,
+                convention: str = DEFAULT_CONVENTION, noise: Optional[NoiseSource] = None,
+                callback=None):
+    """The paper's skip sampling: stochastic steps down to t_e (where the grid ends), then
+    the network's estimate x0_hat there."""
+    if grid[-1] != t_exit:
+        raise ValueError(f"A skip-sampling grid ends at t_e = {t_exit}; this one ends at "
+                         f"{grid[-1]}.")
+    return _walk(denoise, y, schedule, grid, 1.0, lambda t: True, noise, callback, convention)
 
 
-def sample_fast(denoise: Denoiser, y, schedule: BridgeSchedule, steps: Optional[int] = 10,
-                eta: float = 0.0,
+def sample_fast(denoise: Denoiser, y, schedule: BridgeSchedule, grid, eta: float = 0.0,
                 noise: Optional[NoiseSource] = None, callback=None):
-    """Deterministic bridge sampler (eta = 0; any eta in [0, 1]) on a respaced grid of S steps.
+    """Deterministic bridge sampler (eta = 0; any eta in [0, 1]) on a few respaced steps.
     With eta = 0 the only randomness is the booting noise of the first step from T."""
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1], got {eta}.")
-    return _walk(denoise, y, schedule, timestep_grid(schedule.num_steps, steps), eta, noise,
-                 callback)
+    return _walk(denoise, y, schedule, grid, eta, lambda t: eta > 0, noise, callback)
 
 
-def _check_exit(t_exit: int, schedule: BridgeSchedule) -> None:
-    if not 0 <= t_exit <= schedule.num_steps:
-        raise ValueError(f"The exit step t_e must be in 0..T={schedule.num_steps}, got {t_exit}.")
+# The table's sampler names -> their functions (each named sample_<name>).
+SAMPLER_FUNCTIONS = {name: globals()[f"sample_{name}"] for name in SAMPLERS}
 
 
-def network_calls(sampler: str, num_steps: int, steps: Optional[int] = None,
-                  t_exit: int = 50) -> int:
-    """How many times `sampler` calls the network (for progress bars and benchmarks)."""
-    grid = timestep_grid(num_steps, steps)
-    if sampler == "skip":
-        return next(i for i, t in enumerate(grid) if t <= t_exit) + 1
-    if sampler in SAMPLERS:
-        return len(grid) - 1
-    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
-
-
-def run_sampler(sampler: str, denoise: Denoiser, y, schedule: BridgeSchedule, *,
-                steps: Optional[int] = None, t_exit: int = 50, eta: float = 0.0,
-                noise: Optional[NoiseSource] = None, callback=None):
-    """Dispatch by name, with the settings each sampler takes."""
-    if sampler == "vanilla":
-        return sample_vanilla(denoise, y, schedule, steps, noise, callback)
-    if sampler == "mean":
-        return sample_mean(denoise, y, schedule, t_exit, steps, noise, callback)
-    if sampler == "skip":
-        return sample_skip(denoise, y, schedule, t_exit, steps, noise, callback)
-    if sampler == "fast":
-        return sample_fast(denoise, y, schedule, steps, eta, noise, callback)
-    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}.")
+def run_sampler(settings: StainSettings, denoise: Denoiser, y, schedule: BridgeSchedule,
+                grid, noise: Optional[NoiseSource] = None, callback=None):
+    """Run the sampler `settings.sampler` over `grid` (from `settings.grid`) with the
+    settings the sampler table says it takes."""
+    function = SAMPLER_FUNCTIONS[settings.sampler]
+    return function(denoise, y, schedule, grid, noise=noise, callback=callback,
+                    **settings.sampler_arguments())
 
 
 def coefficient_of_variation(samples: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -18,10 +18,10 @@ How the result is kept independent of where tile borders fall:
 
 Memory stays bounded whatever the image size: tiles are processed one tile row at a time and
 the blended sums are kept only for the rows the current tile row touches (a band of one tile
-height). Finished rows are handed to the output as soon as no later tile can touch them; an
-`OmeTiffWriter` streams them into tiled OME-TIFFs on disk. The CV map is blended through its
-moments (per tile: mean and variance of the sample intensities, blended like the image) and
-computed per band.
+height). Finished rows are handed to the output as soon as no later tile can touch them; a
+writer (data.tiff_stream.OmeTiffWriter) streams them into tiled OME-TIFFs on disk. The CV
+map is blended through its moments (per tile: mean and variance of the sample intensities,
+blended like the image) and computed per band.
 
 Tiles x samples go through the network in batches sized to the device; on a CUDA
 out-of-memory error the batch is halved and the run goes on.
@@ -30,15 +30,13 @@ out-of-memory error the batch is halved and the run goes on.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 
-from .inference import NoiseField, StainResult, StainSettings
+from ..settings import StainSettings
+from .inference import NoiseField, StainResult, provenance
 from .model import af_statistics, model_to_rgb, normalise_af
 
 DEFAULT_OVERLAP = 0.25
@@ -150,40 +148,6 @@ def plan_tiles(af_shape, config, tile: Optional[int] = None,
     origins = [_origins(length, t, max(1, int(round(t * (1 - overlap)))))
                for length, t in zip((height, width), tile_af)]
     return TilePlan((height, width), tile_af, origins[0], origins[1], k)
-
-
-def seam_energy_ratio(rgb: np.ndarray, plan: TilePlan,
-                      reference: Optional[np.ndarray] = None) -> dict:
-    """How much a tiled image (H, W, 3) changes across tile borders. 1.0: no seam.
-
-    Per axis: the mean squared step between neighbouring pixels at the interior tile borders,
-    divided by, without `reference`, that at the other positions of the same sub-pixel phase
-    (the upsampling gives each phase of the factor k its own statistics; tile borders always
-    fall on phase 0) -- for images whose texture is alike everywhere; or, with `reference`
-    (the same image stained whole), the reference's steps at the same borders -- for tissue,
-    where a few border lines may happen to cross strong edges.
-    Returns {"columns": ratio across vertical borders, "rows": ...}; NaN for an axis without
-    interior borders."""
-    def squared_steps(image, axis):  # [i - 1]: from pixel i - 1 to pixel i
-        gray = np.asarray(image, float).mean(axis=-1)
-        return (np.diff(gray, axis=axis) ** 2).mean(axis=1 - axis)
-
-    ratios = {}
-    for name, axis, origins in (("columns", 1, plan.cols), ("rows", 0, plan.rows)):
-        tile = plan.tile[axis]
-        borders = {o * plan.factor for o in origins} | {o * plan.factor + tile for o in origins}
-        steps = squared_steps(rgb, axis)
-        positions = np.arange(1, len(steps) + 1)
-        at_border = np.isin(positions, sorted(borders))
-        if not at_border.any():
-            ratios[name] = float("nan")
-            continue
-        if reference is None:
-            elsewhere = steps[(positions % plan.factor == 0) & ~at_border].mean()
-        else:
-            elsewhere = squared_steps(reference, axis)[at_border].mean()
-        ratios[name] = float(steps[at_border].mean() / elsewhere)
-    return ratios
 
 
 def blend_window(height: int, width: int, kind: str = "gaussian") -> np.ndarray:
@@ -351,7 +315,7 @@ def _check_af(af, config) -> np.ndarray:
 
 
 def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, chunk: list,
-                  field: NoiseField, settings: StainSettings, device, precision: str,
+                  field: NoiseField, settings: StainSettings, grid, device, precision: str,
                   progress):
     """One network batch: the (tile column, sample index) pairs of `chunk` in tile row `row`
     (AF pixels), sampled together -> (len(chunk), 3, th, tw) tensor in [-1, 1]."""
@@ -370,10 +334,8 @@ def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, 
         index = torch.tensor([cols.index(col) for col, _ in chunk], device=device)
         y, af_batch = y_tiles[index], af_tensor[index]
         noise = field.source([(sample, row * k, col * k) for col, sample in chunk])
-        return samplers.run_sampler(settings.sampler, model.denoiser(y, af_batch), y,
-                                    model.schedule, steps=settings.steps,
-                                    t_exit=settings.t_exit, eta=settings.eta, noise=noise,
-                                    callback=progress)
+        return samplers.run_sampler(settings, model.denoiser(y, af_batch), y, model.schedule,
+                                    grid, noise=noise, callback=progress)
 
 
 def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan, device,
@@ -386,6 +348,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
     k, n_samples = cfg.factor, settings.samples
     field = NoiseField(settings.seed)
     window = blend_window(*plan.tile)
+    grid = settings.grid(cfg.num_steps)  # built once, handed to every batch's sampler
     calls = settings.calls_per_sample(cfg.num_steps)
     batch = int(batch_size) if batch_size else auto_batch_size(model, plan.tile, device,
                                                                 precision)
@@ -416,8 +379,8 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
                 return None if callback is None else callback(done + call_done, total)
 
             try:
-                x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, device,
-                                  precision, progress)
+                x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, grid,
+                                  device, precision, progress)
             except RuntimeError as error:
                 if batch == 1 or not _is_out_of_memory(error):
                     raise
@@ -441,10 +404,12 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
 
 
 class _MemoryOutput:
-    """Collects the bands into in-memory arrays and returns them as a StainResult."""
+    """Collects the bands into in-memory arrays and returns them as a StainResult. (Writers
+    to files, such as data.tiff_stream.OmeTiffWriter, have the same `write`.)"""
 
     def write(self, bands: Iterator[Band], out_shape: tuple, settings: StainSettings,
-              samples: int) -> StainResult:
+              record: dict) -> StainResult:
+        samples = settings.samples
         height, width = out_shape
         rgb = np.zeros((height, width, 3), np.uint8)
         cv = np.zeros((height, width), np.float32)
@@ -456,108 +421,13 @@ class _MemoryOutput:
                 if kept is None:
                     kept = np.zeros((samples, height, width, 3), np.uint8)
                 kept[:, rows] = band.samples
-        return StainResult(rgb, cv, kept, settings)
-
-
-class OmeTiffWriter:
-    """Streams the stained RGB image and the CV map into two tiled OME-TIFFs, band by band,
-    so the whole image never has to be in memory. Both files appear only when the run
-    finishes (atomic writes); a cancelled or failed run leaves neither behind."""
-
-    def __init__(self, rgb_path, cv_path, pixel_size=None, provenance: Optional[dict] = None,
-                 overwrite: bool = False):
-        self.rgb_path, self.cv_path = Path(rgb_path), Path(cv_path)
-        if self.rgb_path.resolve() == self.cv_path.resolve():
-            raise ValueError(f"The stained image and the CV map cannot both be written to "
-                             f"{self.rgb_path}; give --cv-out another name.")
-        if not overwrite:
-            for path in (self.rgb_path, self.cv_path):
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; choose another name or "
-                                          "allow overwriting (--overwrite).")
-        self.pixel_size, self.provenance, self.overwrite = pixel_size, provenance, overwrite
-
-    def _tiff_options(self, axes: str, shape: tuple, dtype, image: str) -> dict:
-        from ..data.io import TILE_SIZE, ome_metadata, tiff_layout
-
-        provenance = dict(self.provenance or {}, image=image)
-        options = ome_metadata(axes, self.pixel_size, None, provenance)
-        options.update(tiff_layout(shape, dtype))
-        options["tile"] = (TILE_SIZE, TILE_SIZE)  # tiles let tifffile take the data in pieces
-        options.update(shape=shape, dtype=dtype)
-        return options
-
-    def write(self, bands: Iterator[Band], out_shape: tuple, settings: StainSettings,
-              samples: int) -> StainResult:
-        import tifffile
-
-        from ..data.io import TILE_SIZE
-        from .checkpoint import atomic_write
-
-        height, width = out_shape
-        self.cv_path.parent.mkdir(parents=True, exist_ok=True)
-        # The CV rows wait in a raw scratch file (plain writes, outside the process memory)
-        # while the RGB file is streamed; the CV OME-TIFF is written from it afterwards.
-        fd, scratch = tempfile.mkstemp(prefix=f".{self.cv_path.name}.", suffix=".cv-rows",
-                                       dir=self.cv_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as cv_rows:
-                rgb_tiles = _tiles_of_bands(bands, width, TILE_SIZE, cv_rows)
-                atomic_write(self.rgb_path, lambda tmp: tifffile.imwrite(
-                    tmp, rgb_tiles, **self._tiff_options("YXS", (height, width, 3), np.uint8,
-                                                         "stained RGB, mean of samples")),
-                    self.overwrite)
-            cv_tiles = _tiles_of_raw_rows(scratch, height, width, TILE_SIZE)
-            try:
-                atomic_write(self.cv_path, lambda tmp: tifffile.imwrite(
-                    tmp, cv_tiles, **self._tiff_options(
-                        "YX", (height, width), np.float32,
-                        "coefficient of variation over samples (std / mean of RGB "
-                        "intensities in [0, 1], averaged over R, G, B)")), self.overwrite)
-            except BaseException:
-                self.rgb_path.unlink(missing_ok=True)  # no RGB image without its CV map
-                raise
-        finally:
-            Path(scratch).unlink(missing_ok=True)
-        return StainResult(None, None, None, settings)
-
-
-def _tiles_of_bands(bands: Iterator[Band], width: int, tile: int, cv_sink) -> Iterator:
-    """Regroup bands of any height into tile rows and yield RGB tiles in row-major order;
-    the CV rows go to `cv_sink` (a binary file) as they pass."""
-    pending, pending_rows = [], 0
-
-    def emit(block: np.ndarray):
-        for left in range(0, width, tile):
-            yield np.ascontiguousarray(block[:, left:left + tile])
-
-    for band in bands:
-        cv_sink.write(np.ascontiguousarray(band.cv, dtype=np.float32).tobytes())
-        pending.append(band.rgb)
-        pending_rows += band.rgb.shape[0]
-        while pending_rows >= tile:
-            block = np.concatenate(pending)
-            yield from emit(block[:tile])
-            rest = block[tile:]
-            pending, pending_rows = ([rest] if len(rest) else []), len(rest)
-    if pending_rows:
-        yield from emit(np.concatenate(pending))
-
-
-def _tiles_of_raw_rows(path, height: int, width: int, tile: int) -> Iterator:
-    row_bytes = width * 4
-    with open(path, "rb") as handle:
-        for top in range(0, height, tile):
-            rows = min(tile, height - top)
-            block = np.frombuffer(handle.read(rows * row_bytes), np.float32).reshape(rows, width)
-            for left in range(0, width, tile):
-                yield np.ascontiguousarray(block[:, left:left + tile])
+        return StainResult(rgb, cv, kept, settings, record)
 
 
 def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[int] = None,
                 overlap: float = DEFAULT_OVERLAP, callback=None, device=None,
                 keep_samples: bool = False, batch_size: Optional[int] = None,
-                writer: Optional[OmeTiffWriter] = None, precision: str = "auto",
+                writer=None, precision: str = "auto",
                 af_stats: Optional[dict] = None) -> StainResult:
     """Stain a raw AF image (C, h, w) of any size by overlapping tiles.
 
@@ -566,15 +436,16 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
     network calls over the whole image and cancels (engine.samplers.Cancelled) by returning
     False; device: where to run (default: where the model is; the model is moved there);
     batch_size: (tile, sample) pairs per network call (default: sized to the device);
-    writer: an OmeTiffWriter to stream the result to disk (then the returned StainResult holds
-    no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'; af_stats: AF
+    writer: a data.tiff_stream.OmeTiffWriter to stream the result to disk (then the returned
+    StainResult holds no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'; af_stats: AF
     normalisation statistics (engine.model.af_statistics), default those of `af` itself --
     pass the whole image's when `af` is a region of a larger image, so the region is stained
     exactly as in a run over the whole image.
     Returns StainResult(rgb (H, W, 3) uint8 mean of N samples, cv (H, W) float32, samples
-    (N, H, W, 3) uint8 if keep_samples, settings), H, W = k h, k w.
+    (N, H, W, 3) uint8 if keep_samples, settings, provenance), H, W = k h, k w. The provenance
+    records what ran: the network-call times, the tile and overlap used, device and dtype.
     """
-    from .devices import resolve_device
+    from .devices import describe_device, network_dtype, resolve_device
 
     cfg = model.config
     settings.validate(cfg.num_steps)
@@ -589,9 +460,12 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
                          "with writing to files.")
     output = writer if writer is not None else _MemoryOutput()
     stats = af_statistics(af, cfg) if af_stats is None else af_stats
+    record = provenance(model, settings, tile=list(plan.tile), overlap=overlap,
+                        device=describe_device(device), dtype=network_dtype(device, precision))
     bands = _stain_bands(model, af, settings, plan, device, callback, keep_samples,
                          batch_size, precision, stats)
     try:
-        return output.write(bands, plan.out_shape, settings, settings.samples)
+        result = output.write(bands, plan.out_shape, settings, record)
+        return result if result is not None else StainResult(None, None, None, settings, record)
     finally:
         bands.close()

@@ -14,56 +14,12 @@ extent of the image, so staining by tiles gives what staining the whole image wo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class UNetConfig:
-    in_channels: int = 6  # x_t and y (3 + 3), plus any extra conditioning channels
-    out_channels: int = 3
-    base_channels: int = 32
-    channel_mult: tuple = (1, 2, 2, 4)
-    num_res_blocks: int = 1
-    attention_downsample: tuple = (8,)  # attention at these downsample factors
-    num_heads: int = 4
-    norm_groups: int = 32
-    dropout: float = 0.0
-    # "group": GroupNorm statistics over the whole image (the authors' layout). "pixel":
-    # normalise each pixel's channels, so no statistic depends on the image's extent.
-    norm: str = "group"
-    # 0: every pixel attends to every other (the authors'). k > 0: to its k x k neighbourhood
-    # only. With norm="pixel" and k > 0 the network is local: tiles agree with the whole image.
-    attention_window: int = 0
-
-    def __post_init__(self):
-        if self.norm not in NORMS:
-            raise ValueError(f"Unknown U-Net norm {self.norm!r}; use one of {sorted(NORMS)}.")
-        if self.attention_window < 0 or (self.attention_window and self.attention_window % 2 == 0):
-            raise ValueError(f"attention_window must be 0 (global) or an odd number of pixels; "
-                             f"got {self.attention_window}.")
-
-    @classmethod
-    def authors(cls) -> "UNetConfig":
-        """The paper's layout: 128 channels, mult (1,1,2,2,4,4), attention at 16 and 32."""
-        return cls(in_channels=6, out_channels=3, base_channels=128,
-                   channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-                   attention_downsample=(16, 32), num_heads=4, norm_groups=32)
-
-    @property
-    def is_local(self) -> bool:
-        """True when nothing in the network depends on the image's extent (per-pixel norm and
-        neighbourhood attention): a tile then computes what the whole image would, except
-        near its border."""
-        return self.norm == "pixel" and self.attention_window > 0
-
-    @property
-    def size_multiple(self) -> int:
-        """Input height and width must be multiples of this."""
-        return 2 ** (len(self.channel_mult) - 1)
+from .config import NORMS, UNetConfig  # noqa: F401 (re-exported)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -101,8 +57,6 @@ class PixelNorm(nn.Module):
         shape = (1, -1) + (1,) * (x.dim() - 2)
         return (h * self.weight.view(shape) + self.bias.view(shape)).type(x.dtype)
 
-
-NORMS = ("group", "pixel")
 
 
 def _norm(channels: int, groups: int, kind: str = "group") -> nn.Module:

@@ -1,0 +1,217 @@
+"""The training loop: `train` runs (or resumes) a run in a folder and writes its checkpoints,
+reports and final EMA model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from .checkpoint import load_optimizer, read_training_checkpoint, write_training_checkpoint
+from .data import load_training_data
+from .distributed import agree, init_distributed, training_device
+from .reports import plot_loss, write_log, write_validation
+from .settings import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TrainSettings, config_dict
+
+
+def ema_decay_at(step: int, ema_decay: float) -> float:
+    """EMA decay with warm-up: a fixed 0.999 lags far behind in short runs."""
+    return min(ema_decay, (1.0 + step) / (10.0 + step))
+
+
+def _loss_module(model):
+    """The model's training loss as forward(), which DistributedDataParallel needs."""
+    from torch import nn
+
+    class LossModule(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, af, x0, generator):
+            return self.inner.training_loss(af, x0, generator)
+
+    return LossModule(model)
+
+
+def train(model_config, settings: TrainSettings, out, resume: bool = False,
+          progress: bool = True, step_callback: Optional[Callable[[int, float], None]] = None,
+          data: Optional[tuple] = None) -> Optional[Path]:
+    """Train (or resume) a run in folder `out`; returns the final model's path (on rank 0).
+
+    `step_callback(step, loss)` is called after every optimiser step (an exception raised in
+    it stops the run without a final save, as a crash would). `data` = (training pairs,
+    validation pairs, description) replaces loading them from the settings.
+    """
+    import copy
+
+    import torch
+    from tqdm import tqdm
+
+    from ..data.patches import PatchSampler
+    from ..atomic import atomic_write
+    from ..engine.checkpoint import save_model
+    from ..engine.devices import describe_device
+    from ..engine.model import VStainModel
+
+    settings.validate()
+    out = Path(out)
+    checkpoint_path = out / CHECKPOINT_FILE
+    dist_info = init_distributed(settings.device)
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
+    device = training_device(settings.device, dist_info)
+    # The crop the model is trained on is also its inference tile size (GroupNorm statistics).
+    model_config = dataclasses.replace(model_config, train_crop=settings.crop)
+    config = config_dict(model_config, settings)
+
+    if resume and not checkpoint_path.is_file():
+        raise FileNotFoundError(f"Nothing to resume: {checkpoint_path} does not exist.")
+    if not resume and (checkpoint_path.exists() or (out / CONFIG_FILE).exists()):
+        raise FileExistsError(f"{out} already holds a training run; continue it with --resume "
+                              "or choose another --out folder.")
+    crop_multiple = model_config.factor * model_config.af_size_multiple
+    if settings.crop % crop_multiple:
+        raise ValueError(f"--crop must be a multiple of {crop_multiple} for this model (factor "
+                         f"{model_config.factor} x U-Net depth); got {settings.crop}.")
+
+    train_pairs, validation_pairs, data_description = (
+        data if data is not None else load_training_data(model_config, settings))
+    sampler = PatchSampler(train_pairs, settings.crop, seed=settings.seed, rank=dist_info.rank)
+    loss_generator = torch.Generator().manual_seed(
+        int(np.random.SeedSequence([settings.seed, dist_info.rank, 1]).generate_state(1)[0]))
+    torch.manual_seed(settings.seed)
+
+    model = VStainModel(model_config)
+    ema_model = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
+                                  weight_decay=settings.weight_decay)
+    step, elapsed_before, log_rows = 0, 0.0, []
+    if resume:
+        tensors, state = read_training_checkpoint(checkpoint_path)
+        if state["world_size"] != dist_info.world_size:
+            raise ValueError(f"The run was trained with {state['world_size']} process(es); "
+                             f"resume it with the same number (now {dist_info.world_size}).")
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema_model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        load_optimizer(optimizer, tensors, state["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        loss_generator.set_state(tensors[f"rng.loss.rank{dist_info.rank}"])
+        sampler.load_state_dict(state["sampler_states"][dist_info.rank])
+        step, elapsed_before, log_rows = state["step"], state["elapsed_s"], state["log"]
+    elif dist_info.is_main:
+        atomic_write(out / CONFIG_FILE,
+                     lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+    # Moving after loading keeps the optimiser state on the model's device.
+    model.to(device)
+    ema_model.to(device).eval()
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and key != "step":
+                state[key] = value.to(device)
+    for p in ema_model.parameters():
+        p.requires_grad_(False)
+
+    loss_module = _loss_module(model)
+    if dist_info.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_module = DistributedDataParallel(
+            loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+
+    def rank_states() -> list:
+        own = {"sampler": sampler.state_dict(),
+               "loss_generator": loss_generator.get_state().tolist()}
+        if not dist_info.active:
+            return [own]
+        import torch.distributed as dist
+
+        gathered = [None] * dist_info.world_size
+        dist.all_gather_object(gathered, own)
+        return gathered
+
+    def save_checkpoint():
+        states = rank_states()  # every rank takes part in the gather
+        if dist_info.is_main:
+            write_training_checkpoint(checkpoint_path, model, ema_model, optimizer, step,
+                                      elapsed_before + time.time() - start, states, log_rows,
+                                      config)
+            write_log(out, log_rows)
+            plot_loss(out, log_rows)
+
+    start = time.time()
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16,
+                              enabled=device.type == "cuda")
+    bar = tqdm(total=settings.steps, initial=step, disable=not (progress and dist_info.is_main),
+               dynamic_ncols=True, desc="training")
+    recent: list = []
+    stopped_by_time = False
+    while step < settings.steps:
+        af, x0 = sampler.batch(settings.batch_size)
+        af, x0 = af.to(device, non_blocking=True), x0.to(device, non_blocking=True)
+        with autocast:
+            loss = loss_module(af, x0, loss_generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if settings.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
+        optimizer.step()
+        decay = ema_decay_at(step, settings.ema_decay)
+        with torch.no_grad():
+            for ema_p, p in zip(ema_model.parameters(), model.parameters()):
+                ema_p.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
+            for ema_b, b in zip(ema_model.buffers(), model.buffers()):
+                ema_b.copy_(b)
+        step += 1
+        loss_value = float(loss.detach())
+        recent.append(loss_value)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if step % settings.log_every == 0 or step == settings.steps:
+            log_rows.append({"step": step, "loss": float(np.mean(recent)), "ema_decay": decay,
+                             "lr": settings.lr,
+                             "elapsed_s": round(elapsed_before + time.time() - start, 2)})
+            recent = []
+        if step % settings.validate_every == 0 and dist_info.is_main:
+            log_rows.append({"step": step, **write_validation(ema_model, validation_pairs,
+                                                              settings.crop, step, out)})
+        if step_callback is not None:
+            step_callback(step, loss_value)
+        if settings.max_minutes is not None:
+            stopped_by_time = agree(time.time() - start > 60.0 * settings.max_minutes,
+                                    dist_info)
+        if step % settings.checkpoint_every == 0 or stopped_by_time:
+            save_checkpoint()
+        if stopped_by_time:
+            break
+    bar.close()
+    if step % settings.checkpoint_every and not stopped_by_time:
+        save_checkpoint()
+
+    final = None
+    if dist_info.is_main:
+        total_s = elapsed_before + time.time() - start
+        final_loss = next((r["loss"] for r in reversed(log_rows) if r.get("loss") not in
+                           (None, "")), None)
+        extra = {"training_steps": step, "training_time_s": round(total_s, 1),
+                 "hardware": describe_device(device), "processes": dist_info.world_size,
+                 "batch_size_per_process": settings.batch_size, "crop": settings.crop,
+                 "final_loss": final_loss, "data": data_description,
+                 "training": dataclasses.asdict(settings),
+                 "stopped_by_time_limit": stopped_by_time}
+        final = out / MODEL_FILE
+        save_model(ema_model, final, extra=extra, overwrite=True)
+        if progress:
+            print(f"Trained {step} steps in {total_s / 60:.1f} min; final loss "
+                  f"{final_loss:.4f}; EMA model: {final}")
+    if dist_info.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
+    return final
