@@ -228,6 +228,9 @@ def test_dock_follows_the_sampler_table_and_records_the_clis_grid(make_napari_vi
     assert widget._plan.value.endswith("N = 1: 951 network calls")
     widget._steps.value = 1
     assert widget._plan.value.startswith("Cannot run: skip sampling with t_e = 50 needs")
+    widget._tile.value = 20  # below the model's 32 px training crop: said before Run
+    assert widget._plan.value.startswith("Cannot run: Tile size 20 px is smaller")
+    widget._tile.value = 0
     widget._sampler.value = "fast"
     assert widget._steps.value == 5 and not widget._t_exit.enabled and widget._eta.enabled
     assert not widget._convention.enabled

@@ -263,10 +263,18 @@ def test_progress_counts_network_calls_over_the_whole_image(model):
     reports = []
     stain_tiled(model, af, DETERMINISTIC, batch_size=3,
                 callback=lambda done, total: reports.append((done, total)))
-    # 2 tile rows x ceil(2 tiles x 2 samples / 3) batches x 4 calls
-    assert reports[-1] == (16, 16)
-    assert [done for done, _ in reports] == list(range(1, 17))
-    assert {total for _, total in reports} == {16}
+    # 4 tiles x 2 samples x 4 calls per sample; a tile row's 4 (tile, sample) pairs run as
+    # two batches of 2, so each network call counts 2
+    assert reports[-1] == (32, 32)
+    assert [done for done, _ in reports] == list(range(2, 33, 2))
+    assert {total for _, total in reports} == {32}
+    assert DETERMINISTIC.describe(model.config.num_steps, tiles=4).endswith(
+        "4 tiles: 32 network calls")
+    # the same count whatever the batch size
+    one_by_one = []
+    stain_tiled(model, af, DETERMINISTIC, batch_size=1,
+                callback=lambda done, total: one_by_one.append((done, total)))
+    assert one_by_one[-1] == (32, 32) and len(one_by_one) == 32
 
 
 def test_cancel_raises_and_leaves_no_output_file(model, tmp_path):

@@ -77,7 +77,7 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     from .data.simulate import simulate_pair
     from .engine.checkpoint import default_checkpoint, load_model
     from .engine.devices import resolve_device
-    from .engine.tiling import stain_tiled
+    from .engine.tiling import plan_tiles, stain_tiled
     from .evaluation.running import image_scores
     from .metrics import lpips_available, pigment_mask_from_rgb, pigment_scores
     from .settings import StainSettings
@@ -113,7 +113,8 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
         af, target, true_pigment = pair.af, pair.he, pair.pigment_mask
         registration = f"not registered ({exc}); the simulated target is used as it is"
 
-    total_calls = settings.samples * settings.calls_per_sample(model.config.num_steps)
+    tiles = plan_tiles(af.shape, model.config).count
+    total_calls = settings.samples * settings.calls_per_sample(model.config.num_steps) * tiles
     bar = tqdm(total=None, disable=not progress, desc="staining", unit="call", leave=False)
 
     def report(done, total):
@@ -140,7 +141,7 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     _write_outputs(out, pair, af, result, target, metrics, model.config, overwrite)
     pigment = scores["pigment"]
     say(f"Stained {af.shape[2] * k} x {af.shape[1] * k} px from {af.shape[2]} x {af.shape[1]} px "
-        f"AF ({settings.describe(model.config.num_steps)}) in {elapsed:.0f} s.")
+        f"AF ({settings.describe(model.config.num_steps, tiles)}) in {elapsed:.0f} s.")
     say(f"  SSIM {scores['ssim']:.3f}  PSNR {scores['psnr']:.1f} dB  "
         + (f"LPIPS {scores['lpips']:.3f}  " if scores.get("lpips") is not None else "")
         + f"pigment F1 {_fmt(pigment.get('f1'))} "

@@ -214,9 +214,10 @@ class StainSettings:
                 "convention": self.convention if "convention" in takes else None,
                 "samples": self.samples, "seed": self.seed}
 
-    def describe(self, num_steps: int) -> str:
+    def describe(self, num_steps: int, tiles: int = 1) -> str:
         """What will run, e.g. 'mean: 4 stochastic steps + 1 deterministic step, 5 calls per
-        sample, N = 4: 20 network calls'."""
+        sample, N = 4: 20 network calls' (with `tiles` > 1: 'N = 4, 9 tiles: 180 network
+        calls'; the progress of a run counts the same calls)."""
         spec, grid = sampler(self.sampler), self.grid(num_steps)
         steps = list(zip(grid[:-1], grid[1:]))
         # A step adds noise when its sampler says so, except the step to 0, which returns
@@ -233,9 +234,10 @@ class StainSettings:
         if grid[-1] > 0:
             parts.append(f"the estimate at t = {grid[-1]}")
         calls = len(call_times(grid))
-        total = calls * self.samples
+        total = calls * self.samples * tiles
+        where = f", {tiles} tiles" if tiles > 1 else ""
         return (f"{self.sampler}: {' + '.join(parts)}, {calls} call{'s' if calls != 1 else ''}"
-                f" per sample, N = {self.samples}: {total} network call"
+                f" per sample, N = {self.samples}{where}: {total} network call"
                 f"{'s' if total != 1 else ''}")
 
     def to_dict(self) -> dict:

@@ -113,7 +113,7 @@ def run_cli(args) -> int:
     height, width = plan.out_shape
     print(f"Staining {args.af} ({af.data.shape[2]} x {af.data.shape[1]} AF pixels -> {width} x "
           f"{height}) on {describe_device(device)}: {plan.count} tiles of {plan.tile[1]} x "
-          f"{plan.tile[0]}; {settings.describe(cfg.num_steps)}.", file=sys.stderr)
+          f"{plan.tile[0]}; {settings.describe(cfg.num_steps, plan.count)}.", file=sys.stderr)
     with tqdm(total=1, unit="call", desc="vstain stain", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             if bar.total != total:

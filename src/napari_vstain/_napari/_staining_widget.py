@@ -155,7 +155,8 @@ class StainingWidget(Container):
         self._cv_max.changed.connect(lambda _: self._refresh_cv_display())
         self._keep_samples.changed.connect(lambda _: self._refresh_layers())
         self._sampler.changed.connect(lambda _: self._sampler_changed())
-        for control in (self._t_exit, self._steps, self._eta, self._convention, self._samples):
+        for control in (self._t_exit, self._steps, self._eta, self._convention, self._samples,
+                        self._tile, self._inputs):
             control.changed.connect(lambda _: self._show_plan())
         napari_viewer.layers.events.inserted.connect(lambda _: self._layers_changed())
         napari_viewer.layers.events.removed.connect(lambda _: self._layers_changed())
@@ -210,9 +211,20 @@ class StainingWidget(Container):
             self._plan.value = "No model loaded."
             return
         try:
-            self._plan.value = self.settings().describe(self.model.config.num_steps)
+            self._plan.value = self.settings().describe(self.model.config.num_steps,
+                                                        self._tile_count())
         except ValueError as error:
             self._plan.value = f"Cannot run: {error}"
+
+    def _tile_count(self) -> int:
+        """Tiles of the chosen input at the chosen tile size (1 with no input chosen)."""
+        from ..engine.tiling import plan_tiles
+
+        names = [name for name in (self._inputs.value or []) if name in self._viewer.layers]
+        if not names:
+            return 1
+        shape = self._viewer.layers[names[0]].data.shape[-2:]
+        return plan_tiles(shape, self.model.config, self._tile.value or None).count
 
     # ---- model ----------------------------------------------------------------------------
 

@@ -41,11 +41,12 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
             af_batch = af.expand(len(chunk), *af.shape[1:])
             noise = (noise_factory(chunk) if noise_factory is not None
                      else NoiseField(settings.seed).source([(i, 0, 0) for i in chunk]))
-            offset = chunk_number * calls
+            offset = calls * sum(len(c) for c in chunks[:chunk_number])
 
-            def progress(done, _total, offset=offset):
-                return None if callback is None else callback(offset + done,
-                                                              calls * len(chunks))
+            def progress(done, _total, offset=offset, size=len(chunk)):
+                # network calls per sample, as in tiling and StainSettings.describe
+                return None if callback is None else callback(offset + done * size,
+                                                              calls * len(indices))
 
             outputs.append(run_sampler(settings, model.denoiser(y, af_batch), y,
                                        model.schedule, grid, noise=noise, callback=progress))

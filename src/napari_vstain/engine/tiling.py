@@ -352,17 +352,14 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
     calls = settings.calls_per_sample(cfg.num_steps)
     batch = int(batch_size) if batch_size else auto_batch_size(model, plan.tile, device,
                                                                 precision)
-    pairs_per_row = len(plan.cols) * n_samples
+    # Progress counts network calls per sample (a batch of b pairs is b calls), so the total
+    # is known up front, matches StainSettings.describe and does not change with the batch.
+    total = calls * n_samples * plan.count
     done = 0
-
-    def total_calls(batch_now: int, rows_left: int, pairs_left_here: int) -> int:
-        # calls done + calls of this row's remaining batches + calls of later rows
-        return done + calls * (math.ceil(pairs_left_here / batch_now)
-                               + rows_left * math.ceil(pairs_per_row / batch_now))
 
     accumulator = _BandAccumulator(plan.tile[0], plan.out_shape[1],
                                    n_samples if keep_samples else 0)
-    for row_number, row in enumerate(plan.rows):
+    for row in plan.rows:
         top = row * k
         if top > accumulator.top:
             yield accumulator.pop(top)
@@ -373,10 +370,9 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
             # equal-sized batches: 22 pairs at batch 16 run as 11 + 11, not 16 + 6
             left = len(pairs) - start
             chunk = pairs[start:start + math.ceil(left / math.ceil(left / batch))]
-            rows_left = len(plan.rows) - row_number - 1
-            total = total_calls(batch, rows_left, len(pairs) - start)
-            def progress(call_done, _calls, total=total):
-                return None if callback is None else callback(done + call_done, total)
+
+            def progress(call_done, _calls, size=len(chunk)):
+                return None if callback is None else callback(done + call_done * size, total)
 
             try:
                 x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, grid,
@@ -398,7 +394,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
                 if moments.count == n_samples:  # the tile is complete
                     accumulator.add_tile(pending.pop(col), top, col * k, window,
                                          plan.out_shape)
-            done += calls
+            done += calls * len(chunk)
             start += len(chunk)
     yield accumulator.pop(plan.out_shape[0])
 
@@ -433,8 +429,8 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
 
     tile: side in target pixels (default: `default_tile`, the training crop or twice it);
     overlap: fraction of a tile shared with its neighbour; callback(done, total) counts
-    network calls over the whole image and cancels (engine.samplers.Cancelled) by returning
-    False; device: where to run (default: where the model is; the model is moved there);
+    network calls per sample over the whole image (a batch of b pairs counts b) and cancels
+    (errors.Cancelled) by returning False; device: where to run (default: where the model is; the model is moved there);
     batch_size: (tile, sample) pairs per network call (default: sized to the device);
     writer: a data.tiff_stream.OmeTiffWriter to stream the result to disk (then the returned
     StainResult holds no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'; af_stats: AF
