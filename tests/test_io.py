@@ -289,7 +289,7 @@ def test_missing_file_and_folder(tmp_path):
     with pytest.raises(MissingInputError, match=r"does not exist; check the path") as info:
         io.read_af(tmp_path / "nowhere.tif")
     assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, InputError)
-    with pytest.raises(InputError, match=r"is not a file"):
+    with pytest.raises(InputError, match=r"is a folder, not a file"):
         io.read_af(tmp_path)
     with pytest.raises(MissingInputError):
         io.read_rgb(tmp_path / "nowhere.png")

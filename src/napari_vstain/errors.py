@@ -23,3 +23,17 @@ class CheckpointError(ValueError):
 
 class Cancelled(Exception):
     """Raised inside a run when its progress callback asks to stop."""
+
+
+class OutputError(ValueError):
+    """An output that cannot be written as asked: it is an input, a folder, or another run is
+    writing it."""
+
+
+class NonFiniteOutputError(ValueError):
+    """The network gave NaN or infinite values: the result is not written or shown."""
+
+    def __init__(self, where: str):
+        super().__init__(f"The network produced NaN or infinite values ({where}); nothing was "
+                         "written. The checkpoint may be damaged (NaN weights) or the input "
+                         "extreme: check the checkpoint with a known image.")

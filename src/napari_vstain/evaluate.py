@@ -49,6 +49,9 @@ def configure_cli(parser) -> None:
                         "pairs (e.g. from `vstain simulate`, or registered real pairs)")
     source.add_argument("--simulate", metavar="TISSUES", help="simulate held-out pairs of these "
                         "tissues, e.g. lung,heart")
+    data.add_argument("--allow-outside-paths", action="store_true", help="read manifest.json "
+                      "entries of the --data folder that name files outside it (absolute "
+                      "paths, ../); only for manifests you trust")
     data.add_argument("--count", type=int, default=8, help="simulated pairs per tissue "
                       "(default 8)")
     data.add_argument("--seed", type=int, default=DEFAULT_HELD_OUT_SEED,
@@ -172,7 +175,7 @@ def run_cli(args) -> int:
     if previous:
         ev.samplers = ()
     if args.data:
-        pairs = load_pairs(args.data)
+        pairs = load_pairs(args.data, allow_outside_paths=args.allow_outside_paths)
         data_text = str(Path(args.data).resolve())
     else:
         tissues = [t.strip() for t in args.simulate.split(",") if t.strip()]

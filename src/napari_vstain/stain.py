@@ -69,16 +69,19 @@ def run_cli(args) -> int:
     from .engine.tiling import check_overlap
 
     check_overlap(args.overlap)
-    if not args.af.is_file():
-        raise FileNotFoundError(f"The AF image {args.af} does not exist; check the path.")
+    from .data.io import existing_file
+
+    existing_file(args.af, "AF image")  # missing, a folder, a pipe, empty: said now
     out = args.out
     cv_out = args.cv_out if args.cv_out is not None else default_cv_path(out)
     _check_output(out, "--out")
     _check_output(cv_out, "--cv-out")
     from .data.tiff_stream import OmeTiffWriter
 
-    # Refuses existing outputs (without --overwrite) and --cv-out equal to --out, now.
-    OmeTiffWriter(out, cv_out, overwrite=args.overwrite)
+    # Refuses now: existing outputs (without --overwrite), --cv-out equal to --out, an output
+    # that is an input (the AF image or the checkpoint, even with --overwrite), a folder.
+    inputs = [args.af] + ([args.checkpoint] if args.checkpoint is not None else [])
+    OmeTiffWriter(out, cv_out, overwrite=args.overwrite, inputs=inputs)
     device = resolve_device(args.device)
 
     # 2. Settings that depend on the model.
@@ -109,7 +112,7 @@ def run_cli(args) -> int:
     extra = {"input": str(args.af), "checkpoint": str(checkpoint),
              "af_channel_names": list(af.channel_names)}
     writer = OmeTiffWriter(out, cv_out, pixel_size=pixel_size, provenance=extra,
-                           overwrite=args.overwrite)
+                           overwrite=args.overwrite, inputs=inputs)
     height, width = plan.out_shape
     print(f"Staining {args.af} ({af.data.shape[2]} x {af.data.shape[1]} AF pixels -> {width} x "
           f"{height}) on {describe_device(device)}: {plan.count} tiles of {plan.tile[1]} x "

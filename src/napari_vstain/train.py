@@ -11,7 +11,14 @@ A run lives in one folder (RUNDIR):
   model.safetensors       the inference checkpoint: the EMA weights (engine.checkpoint format)
 
 `--resume` continues from checkpoint.safetensors, also after the process was killed; it
-replays the same batches and noise, so the weights equal those of an uninterrupted run.
+replays the same batches and noise, so the weights equal those of an uninterrupted run. Only
+the settings in RESUMABLE_OVERRIDES (steps, time limit, intervals, device) may change then;
+any other difference from the checkpoint (flags, or an edited config.json) is refused by name.
+Every setting is checked before anything is written to RUNDIR, and a run that stopped before
+its first checkpoint is started again by the same command (without --resume).
+
+A --data folder's manifest.json may only name files inside the folder unless
+--allow-outside-paths is given.
 
 Simulated data: `--simulate lung,heart` trains on a pool of simulated pairs whose seeds start
 at TRAIN_SEED_START (1000); seeds below it are held out. The validation crops use seeds
@@ -29,8 +36,7 @@ from pathlib import Path
 
 from .engine.config import LOSSES, OBJECTIVES, ModelConfig
 from .training.loop import train
-from .training.settings import (CONFIG_FILE, TRAIN_SEED_START, TrainSettings, resolve_config,
-                                resume_config)
+from .training.settings import TRAIN_SEED_START, TrainSettings, resolve_config, resume_config
 
 # The parts of training live in napari_vstain.training; the names that other code imported
 # from this module before are still importable from here.
@@ -38,8 +44,8 @@ from .training.checkpoint import read_training_checkpoint  # noqa: F401
 from .training.data import load_training_data, simulated_training_seeds  # noqa: F401
 from .training.loop import ema_decay_at  # noqa: F401
 from .training.reports import af_preview  # noqa: F401
-from .training.settings import (CHECKPOINT_FILE, DEMO_SEED, MODEL_FILE,  # noqa: F401
-                                SIMULATED_TISSUES, VALIDATION_SEEDS)
+from .training.settings import (CHECKPOINT_FILE, CONFIG_FILE, DEMO_SEED,  # noqa: F401
+                                MODEL_FILE, SIMULATED_TISSUES, VALIDATION_SEEDS)
 
 
 # ---- command line ----------------------------------------------------------------------------
@@ -68,6 +74,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--register", action=argparse.BooleanOptionalAction, default=None,
                       help="register each H&E image onto its AF image (affine) before "
                       "training and cut the uncovered border")
+    data.add_argument("--allow-outside-paths", action="store_true", default=None,
+                      help="read manifest.json entries of the --data folder that name files "
+                      "outside it (absolute paths, ../); only for manifests you trust")
     data.add_argument("--out", required=True, metavar="RUNDIR", help="run folder (config, "
                       "checkpoints, logs, validation images, final model.safetensors)")
     data.add_argument("--config", metavar="CFG.json", help="JSON {\"model\": {...}, "
@@ -136,8 +145,6 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
 def run_cli(args) -> int:
     out = Path(args.out)
     if args.resume:
-        if not (out / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"Nothing to resume: {out / CONFIG_FILE} does not exist.")
         model_config, settings = resume_config(args, out)
     else:
         model_config, settings = resolve_config(args)
@@ -148,6 +155,6 @@ def run_cli(args) -> int:
 if __name__ == "__main__":  # `python -m napari_vstain.train ...` (what torchrun runs)
     import sys
 
-    _parser = argparse.ArgumentParser(prog="vstain train", description=__doc__.split("\n")[0])
-    configure_cli(_parser)
-    sys.exit(run_cli(_parser.parse_args()))
+    from .cli import main  # user errors as one sentence, as `vstain train` prints them
+
+    sys.exit(main(["train", *sys.argv[1:]]))

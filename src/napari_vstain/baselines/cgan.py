@@ -319,25 +319,29 @@ def save_cgan(model, path, extra: Optional[dict] = None, overwrite: bool = False
     return digest
 
 
-def load_cgan(path, device="cpu"):
-    """A cGAN from save_cgan's file, checked (format tag, content hash, weight names)."""
-    from ..engine.checkpoint import CheckpointError, read_checkpoint
+# Allowed values of the fields that size the networks, checked before a loaded cGAN is built.
+CGAN_SPANS = {"af_channels": (1, 64), "factor": (1, 8), "cnn_width": (1, 1024),
+              "cnn_hidden": (1, 4096), "base_channels": (1, 1024), "depth": (1, 10),
+              "disc_channels": (1, 1024), "disc_layers": (1, 8), "train_crop": (1, 8192)}
 
-    metadata, state = read_checkpoint(path, FORMAT_NAME, FORMAT_VERSION,
-                                      kind="napari-vstain cGAN checkpoint")
-    try:
-        config = CGANConfig.from_dict(json.loads(metadata["config"]))
-    except (KeyError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"{path} has an unusable cGAN config: {exc}") from None
-    model = build_cgan(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("discriminator.")]
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match its config: missing {sorted(missing)[:5]}"
-                              f", unexpected {sorted(unexpected)[:5]}.")
-    model.content_hash = metadata["content_hash"]
-    model.extra = json.loads(metadata.get("extra", "{}"))
-    return model.to(device).eval()
+
+def checked_cgan_config(data: dict) -> CGANConfig:
+    """CGANConfig.from_dict, refusing fields outside CGAN_SPANS (ConfigFieldError)."""
+    from ..engine.config import Span, check_spans
+
+    config = CGANConfig.from_dict(data)
+    check_spans(vars(config), {name: Span(*span) for name, span in CGAN_SPANS.items()})
+    return config
+
+
+def load_cgan(path, device="cpu"):
+    """A cGAN from save_cgan's file, checked (format tag, config ranges, size, content hash,
+    weight names and numbers) before it is built."""
+    from ..engine.checkpoint import load_checked
+
+    return load_checked(path, checked_cgan_config, build_cgan, device, what="cGAN",
+                        format_name=FORMAT_NAME, format_version=FORMAT_VERSION,
+                        kind="napari-vstain cGAN checkpoint", unsaved=("discriminator.",))
 
 
 # ---- CLI: vstain train-cgan ---------------------------------------------------------------------
@@ -346,19 +350,25 @@ def settings_like(checkpoint) -> dict:
     """The data, crops, batch size, seed, front-end widths and wall-clock budget of a trained
     diffusion checkpoint (from its recorded config and training settings), so that a cGAN can
     be trained on the same data with the same budget."""
-    from ..engine.checkpoint import read_checkpoint
+    from ..engine.checkpoint import CheckpointError, read_checkpoint
+    from ..explain import record_problem
 
     metadata, _state = read_checkpoint(checkpoint)
-    config = json.loads(metadata["config"])
-    extra = json.loads(metadata.get("extra", "{}"))
-    training = extra.get("training")
+    try:
+        config = json.loads(metadata["config"])
+        extra = json.loads(metadata.get("extra", "{}"))
+        training = extra.get("training")
+        front_end = {k: config[k] for k in ("af_channels", "factor", "cnn_width", "cnn_hidden",
+                                            "af_normalisation", "af_percentiles")}
+        base_channels = config["unet"]["base_channels"]
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"--like {checkpoint}: its header does not record the model "
+                              f"config ({record_problem(exc)}); give the data, crop and "
+                              "budget explicitly instead of --like.") from exc
     if not training:
         raise ValueError(f"{checkpoint} does not record how it was trained (no training "
                          "settings in its header); give the data and budget explicitly.")
-    return {"config": {k: config[k] for k in ("af_channels", "factor", "cnn_width",
-                                              "cnn_hidden", "af_normalisation",
-                                              "af_percentiles")},
-            "base_channels": config["unet"]["base_channels"],
+    return {"config": front_end, "base_channels": base_channels,
             "data": training.get("data"), "simulate": list(training.get("simulate") or []),
             "simulate_count": training.get("simulate_count", 16),
             "simulate_size": training.get("simulate_size", 256),
@@ -382,6 +392,9 @@ def configure_cli(parser) -> None:
     source.add_argument("--simulate", metavar="TISSUES", help="train on the simulated pairs "
                         "`vstain train --simulate` uses, e.g. lung,heart "
                         f"(seeds >= {TRAIN_SEED_START})")
+    parser.add_argument("--allow-outside-paths", action="store_true", help="read manifest.json "
+                        "entries of the --data folder that name files outside it (absolute "
+                        "paths, ../); only for manifests you trust")
     parser.add_argument("--simulate-count", type=int, help="simulated pairs per tissue "
                         f"(default {settings.simulate_count}, as vstain train)")
     parser.add_argument("--simulate-size", type=int, help="H&E size of simulated pairs in px "
@@ -460,7 +473,8 @@ def run_cli(args) -> int:
                              simulate_count=pick("simulate_count", defaults.simulate_count),
                              simulate_size=pick("simulate_size", defaults.simulate_size),
                              crop=crop, batch_size=batch_size, seed=seed,
-                             register=bool(pick("register", defaults.register))).validate()
+                             register=bool(pick("register", defaults.register)),
+                             allow_outside_paths=args.allow_outside_paths).validate()
     train_pairs, _validation, description = load_training_data(config, settings)
     max_minutes = args.max_minutes
     if max_minutes is None and like.get("training_time_s"):

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import stat
 import struct
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import InputError, MissingInputError
+from ..explain import format_bytes, os_error_sentence
 
 # Images smaller than this (pixels per side) are refused: nothing useful can be stained.
 MIN_IMAGE_SIZE = 8
@@ -82,7 +85,7 @@ def read_af(path, expected_channels: Optional[int] = None,
     at the start or end of the shape. `select` picks one plane of an extra axis, by the
     file's axis letter, e.g. {"Z": 3} for the fourth plane of a z-stack.
     """
-    path = _existing_file(path, "AF image")
+    path = existing_file(path, "AF image")
     contents = _read_tiff(path)
     array, axes = _apply_selection(contents.array, contents.axes, select, path)
     name = f"AF image {path.name}"
@@ -125,7 +128,7 @@ def read_rgb(path, min_size: int = MIN_IMAGE_SIZE) -> RGBImage:
     smallest of 8, 10, 12, 14, 16 bits that holds the brightest value); float images in
     [0, 1] are scaled by 255. Greyscale images are refused (InputError).
     """
-    path = _existing_file(path, "brightfield image")
+    path = existing_file(path, "brightfield image")
     name = f"Brightfield image {path.name}"
     if not _is_tiff(path):  # PNG, JPEG, BMP...: decided by content, not by the file name
         array, axes, pixel_size = _read_with_pillow(path), "YXS", None
@@ -155,7 +158,7 @@ def read_rgb(path, min_size: int = MIN_IMAGE_SIZE) -> RGBImage:
 
 def read_provenance(path) -> dict:
     """The provenance record stored by `write_ome_tiff` ({} when the file has none)."""
-    path = _existing_file(path, "image")
+    path = existing_file(path, "image")
     with _open_tiff(path) as tif:
         xml = tif.ome_metadata
     if not xml:
@@ -169,26 +172,70 @@ def read_provenance(path) -> dict:
                     try:
                         return json.loads(child.text or "{}")
                     except json.JSONDecodeError as exc:
-                        raise InputError(f"The provenance record in {path} is damaged "
-                                         f"({exc}).") from None
+                        raise InputError(f"The provenance record in {path} is damaged (not "
+                                         "valid JSON); write the file again.") from exc
     return {}
 
 
-def _existing_file(path, what: str) -> Path:
+_SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def existing_file(path, what: str) -> Path:
+    """`path` as a Path when it is a regular, non-empty file; else InputError saying what it
+    is instead: missing (MissingInputError), a folder, a pipe or device, empty, or not
+    readable (the sentence of its OSError)."""
     path = Path(path).expanduser()
-    if not path.exists():
-        raise MissingInputError(f"The {what} {path} does not exist; check the path.")
-    if not path.is_file():
-        raise InputError(f"The {what} path {path} is not a file (a folder?); give an image file.")
-    if path.stat().st_size == 0:
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise MissingInputError(f"The {what} {path} does not exist; check the path.") from exc
+    except OSError as exc:  # permission denied on a folder of the path, a link loop...
+        raise InputError(os_error_sentence(exc)) from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise InputError(f"The {what} {path} is a folder, not a file; give the image file "
+                         "itself (a file inside the folder).")
+    if not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _SPECIAL_FILES if test(info.st_mode)),
+                    "a special file")
+        raise InputError(f"The {what} {path} is not a regular file but {kind}; save the "
+                         "image to a file and give that.")
+    if info.st_size == 0:
         raise InputError(f"The {what} {path} is an empty file (0 bytes); copy or export it "
                          "again.")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"Permission denied for {path}; check the permissions of the file "
+                         "and its folder, or use another location.")
+    return path
+
+
+def check_output_path(path, option: str = "--out", folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written where it is asked for: a
+    file output that is a folder, a folder output that is a file, or a path through a file.
+    UserError naming `option`."""
+    from ..errors import UserError
+
+    path = Path(path).expanduser()
+    blocking = next((parent for parent in reversed(path.parents) if parent.exists()
+                     and not parent.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{option} {path} cannot be written: {blocking} is a file, not a "
+                        f"folder; choose another {option}.")
+    if folder and path.exists() and not path.is_dir():
+        raise UserError(f"{option} {path} is a file, but a folder is needed; choose another "
+                        f"{option}.")
+    if not folder and path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name, e.g. "
+                        f"{path / 'result.ome.tif'}.")
     return path
 
 
 def _is_tiff(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(4) in TIFF_SIGNATURES
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) in TIFF_SIGNATURES
+    except OSError as exc:
+        raise InputError(os_error_sentence(exc)) from exc
 
 
 def _open_tiff(path: Path):
@@ -198,10 +245,10 @@ def _open_tiff(path: Path):
         return tifffile.TiffFile(path)
     except (tifffile.TiffFileError, ValueError, EOFError, struct.error) as exc:
         raise InputError(
-            f"{path} is not a readable TIFF file ({exc}). Give a TIFF / OME-TIFF image; the "
-            "file may also be truncated (an incomplete copy or download).") from None
+            f"{path} is not a readable TIFF file. Give a TIFF / OME-TIFF image; the file may "
+            "also be truncated (an incomplete copy or download).") from exc
     except OSError as exc:
-        raise InputError(f"{path} could not be read: {exc}.") from None
+        raise InputError(os_error_sentence(exc)) from exc
 
 
 @dataclass
@@ -229,7 +276,9 @@ _DAMAGE_WORDS = ("offset", "corrupt", "reshape", "truncat")
 
 
 def _read_tiff(path: Path) -> _TiffContents:
-    """The first series of a TIFF with its metadata; InputError for damaged or cut-off files."""
+    """The first series of a TIFF with its metadata; InputError for damaged or cut-off files
+    and for images larger than the memory available (refused from the header, before
+    decoding)."""
     problems = _LoggedProblems()
     logger = logging.getLogger("tifffile")
     logger.addHandler(problems)
@@ -237,6 +286,8 @@ def _read_tiff(path: Path) -> _TiffContents:
         with _open_tiff(path) as tif:
             series = _first_series(tif, path)
             planes = _same_shape_plane_series(tif)
+            check_fits_in_memory(path, [(s.shape, s.dtype)
+                                        for s in (planes if len(planes) > 1 else [series])])
             if len(planes) > 1:  # one 2-D series per channel (separate writes, no metadata)
                 array = np.stack([_read_series(plane, path) for plane in planes])
                 axes = "I" + series.axes.upper()
@@ -250,9 +301,49 @@ def _read_tiff(path: Path) -> _TiffContents:
         logger.removeHandler(problems)
     damage = [m for m in problems.messages if any(w in m.lower() for w in _DAMAGE_WORDS)]
     if damage:
-        raise InputError(f"{path} is damaged or truncated (tifffile: {damage[0]}); copy or "
-                         "export it again.")
+        error = InputError(f"{path} is damaged or truncated (its TIFF structure points past "
+                           "the end of the file or is inconsistent); copy or export it again.")
+        if hasattr(error, "add_note"):  # shown with the traceback (vstain --debug)
+            error.add_note(f"tifffile: {damage[0]}")
+        raise error
     return contents
+
+
+def available_memory() -> Optional[int]:
+    """Bytes of memory available to this process now: MemAvailable of /proc/meminfo (Linux),
+    else the free physical pages (os.sysconf); None when neither can be read."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def check_fits_in_memory(path: Path, arrays: Sequence[tuple]) -> None:
+    """Refuse, from the header, an image whose decoded pixels (the (shape, dtype) of each of
+    its arrays: shape x bytes per value) exceed the memory available: decoding it would
+    exhaust the memory (a small compressed file can declare a huge image)."""
+    decoded = sum(float(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+                  for shape, dtype in arrays)
+    available = available_memory()
+    if available is None or decoded <= available:
+        return
+    shape, dtype = arrays[0]
+    shape = " x ".join(str(int(size)) for size in shape)
+    if len(arrays) > 1:
+        shape = f"{len(arrays)} x {shape}"
+    raise InputError(
+        f"{path} holds a {shape} image ({np.dtype(dtype).name}) that needs "
+        f"{format_bytes(decoded)} of memory decoded, more than the {format_bytes(available)} "
+        "available; napari-vstain reads whole images, so an image this large must be read "
+        "region by region (a lazy whole-slide reader is planned): crop it into regions (e.g. "
+        "in QuPath or Fiji) and give each region.")
 
 
 def _same_shape_plane_series(tif) -> list:
@@ -271,7 +362,7 @@ def _first_series(tif, path: Path):
     try:
         series = tif.series
     except Exception as exc:  # damaged metadata raises many error types inside tifffile
-        raise InputError(f"{path} has damaged TIFF metadata ({exc}); export it again.") from None
+        raise InputError(f"{path} has damaged TIFF metadata; export it again.") from exc
     if not series or not len(tif.pages):
         raise InputError(f"{path} contains no image (an empty or truncated TIFF file); copy or "
                          "export it again.")
@@ -282,10 +373,19 @@ def _read_series(series, path: Path) -> np.ndarray:
     """The series' pixels; a cut-off file raises InputError."""
     try:
         return series.asarray()
+    except MemoryError:
+        raise  # not damage: the command line says to use less memory
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the file's content
+            raise InputError(os_error_sentence(exc)) from exc
+        raise _incomplete(path) from exc
     except Exception as exc:  # tifffile and its codecs raise many error types
-        raise InputError(
-            f"{path} could not be read completely ({exc}). The file looks truncated or "
-            "damaged; copy or export it again.") from None
+        raise _incomplete(path) from exc
+
+
+def _incomplete(path: Path) -> InputError:
+    return InputError(f"{path} could not be read completely: the file looks truncated or "
+                      "damaged; copy or export it again.")
 
 
 def _read_with_pillow(path: Path) -> np.ndarray:
@@ -293,14 +393,38 @@ def _read_with_pillow(path: Path) -> np.ndarray:
 
     try:
         with Image.open(path) as image:
+            check_fits_in_memory(path, [_pillow_shape_and_type(image)])
             image.load()  # decodes now, so a cut-off file fails here
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGBA" if "A" in image.mode or
                                       "transparency" in image.info else "RGB")
             return np.asarray(image)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path} is not a readable image ({exc}); it may be truncated or not "
-                         "really a PNG/JPEG. Export it again.") from None
+    except InputError:
+        raise  # too large for the memory: said from the header
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{path} declares more pixels than the image library reads from a "
+                         "PNG / JPEG (a safeguard against decompression bombs); save it as a "
+                         "TIFF or crop it into regions and give each region.") from exc
+    except OSError as exc:
+        if exc.errno is not None:  # the disk, not the file's content
+            raise InputError(os_error_sentence(exc)) from exc
+        raise _not_readable_image(path) from exc
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise _not_readable_image(path) from exc
+
+
+def _not_readable_image(path: Path) -> InputError:
+    return InputError(f"{path} is not a readable image; it may be truncated or not really a "
+                      "PNG/JPEG. Export it again.")
+
+
+def _pillow_shape_and_type(image) -> tuple:
+    """The decoded (shape, dtype) of an opened Pillow image, from its header."""
+    width, height = image.size
+    bands = len(image.getbands())
+    dtype = {"I;16": "uint16", "I;16B": "uint16", "I;16L": "uint16", "I": "int32",
+             "F": "float32"}.get(image.mode, "uint8")
+    return ((height, width, bands) if bands > 1 else (height, width)), dtype
 
 
 def _numeric_array(array, name: str) -> np.ndarray:
@@ -475,8 +599,8 @@ def _parse_ome(xml: str, path: Path):
     try:
         return ElementTree.fromstring(xml)
     except ElementTree.ParseError as exc:
-        raise InputError(f"The OME-XML metadata of {path} is damaged ({exc}); re-export the "
-                         "file.") from None
+        raise InputError(f"The OME-XML metadata of {path} is damaged (not well-formed XML); "
+                         "re-export the file.") from exc
 
 
 def _micrometres(value, unit: Optional[str]) -> Optional[float]:
@@ -603,10 +727,12 @@ def tiff_layout(shape: Sequence[int], dtype) -> dict:
 
 def write_ome_tiff(path, data, axes: str, pixel_size=None,
                    channel_names: Optional[Sequence[str]] = None,
-                   provenance: Optional[dict] = None, overwrite: bool = False) -> Path:
+                   provenance: Optional[dict] = None, overwrite: bool = False,
+                   inputs: Sequence = ()) -> Path:
     """Write an OME-TIFF atomically: "CYX" (AF, any numeric type), "YXS" (RGB, uint8) or "YX"
     (a single-channel map such as CV, float32). Refuses to replace an existing file unless
-    `overwrite` (FileExistsError)."""
+    `overwrite` (FileExistsError), and to replace one of `inputs` (the files the image was
+    made from) even then."""
     import tifffile
 
     from ..atomic import atomic_write
@@ -620,7 +746,8 @@ def write_ome_tiff(path, data, axes: str, pixel_size=None,
                              f"{wanted} channel{'s' if wanted != 1 else ''}.")
     kwargs = ome_metadata(axes, pixel_size, channel_names, provenance)
     kwargs.update(tiff_layout(data.shape, data.dtype))
-    return atomic_write(Path(path), lambda tmp: tifffile.imwrite(tmp, data, **kwargs), overwrite)
+    return atomic_write(Path(path), lambda tmp: tifffile.imwrite(tmp, data, **kwargs), overwrite,
+                        inputs=inputs)
 
 
 def write_png(path, rgb, overwrite: bool = False) -> Path:
@@ -688,4 +815,6 @@ def _provenance_json(provenance: dict) -> str:
 
 __all__ = ["InputError", "MissingInputError", "AFImage", "RGBImage", "read_af", "read_rgb",
            "validate_af", "read_provenance", "write_ome_tiff", "write_png", "ome_metadata",
-           "tiff_layout", "MIN_IMAGE_SIZE", "PROVENANCE_NAMESPACE"]
+           "tiff_layout", "existing_file", "check_output_path", "available_memory",
+           "check_fits_in_memory",
+           "MIN_IMAGE_SIZE", "PROVENANCE_NAMESPACE"]

@@ -5,6 +5,7 @@ and reading any folder of AF / H&E pairs, simulated or real (`load_pairs`)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,32 +130,136 @@ def _partner(folder: Path, stem: str, part: str):
     return found[0] if found else None
 
 
-def load_pairs(folder) -> list:
+MANIFEST_FILE = "manifest.json"
+_NO_MANIFEST = "or remove it to load the *_af / *_he files by name"
+
+
+def _is_str(value) -> bool:
+    return isinstance(value, str)
+
+
+def _is_text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        bool(np.isfinite(value))
+
+
+def _number_pair(positive: bool):
+    return lambda value: (isinstance(value, list) and len(value) == 2
+                          and all(_is_number(v) and (v > 0 or not positive) for v in value))
+
+
+# The fields of a manifest entry that napari-vstain reads: field -> (required, test, what it
+# must be). Optional fields may be null; other fields are kept as they are.
+MANIFEST_FIELDS = {
+    "af": (True, _is_text, "the AF image's file name"),
+    "he": (True, _is_text, "the H&E image's file name"),
+    "pigment": (False, _is_text, "the pigment mask's file name"),
+    "name": (False, _is_str, "text"),
+    "tissue": (False, _is_str, "text"),
+    "he_source": (False, _is_str, "text"),
+    "factor": (False, lambda v: _is_int(v) and v >= 1, "a whole number of at least 1"),
+    "seed": (False, _is_int, "a whole number"),
+    "pixel_size_af": (False, _number_pair(True), "two positive numbers [y, x] (micrometres)"),
+    "pixel_size_he": (False, _number_pair(True), "two positive numbers [y, x] (micrometres)"),
+    "shift_he_px": (False, _number_pair(False), "two numbers [dy, dx]"),
+}
+FILE_FIELDS = ("af", "he", "pigment")
+
+
+def _entry_label(manifest_path: Path, index: int, entry) -> str:
+    name = entry.get("name") if isinstance(entry, dict) else None
+    return f"{manifest_path} entry {index + 1}" + (f" ({name!r})" if _is_text(name) else "")
+
+
+def _manifest_file(folder: Path, text: str, allow_outside_paths: bool, where: str) -> Path:
+    """The file a manifest field names, relative to the manifest's folder. A path that leaves
+    the folder (absolute, or through "..") is refused unless `allow_outside_paths`: a manifest
+    handed on with a folder must not make a program read files elsewhere on the machine.
+    (A symbolic link inside the folder is the folder owner's own choice and is followed.)"""
+    relative = Path(text)
+    outside = relative.is_absolute() or bool(relative.anchor) or \
+        os.path.normpath(text).split(os.sep)[0] == ".."
+    if outside and not allow_outside_paths:
+        raise ValueError(f"{where} points outside {folder} ({text!r}); name a file inside the "
+                         "folder, or pass --allow-outside-paths if you trust this manifest.")
+    return folder / relative
+
+
+def read_manifest(folder, allow_outside_paths: bool = False) -> list:
+    """The checked entries of `folder`/manifest.json: dicts with every field of the entry,
+    "af_path", "he_path" (and "pigment_path" when that file exists) resolved against the
+    folder, and "simulated" from the manifest. A wrong entry is refused with a sentence naming
+    the manifest, the entry and the field, before any image is read."""
+    folder = Path(folder)
+    manifest_path = folder / MANIFEST_FILE
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8 or not JSON
+        raise ValueError(f"{manifest_path} is not a valid pair manifest ({exc}); fix it, "
+                         f"{_NO_MANIFEST}.") from None
+    entries = manifest.get("pairs") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{manifest_path} is not a valid pair manifest (it needs a non-empty "
+                         f"list \"pairs\" of {{\"af\": ..., \"he\": ...}} entries); fix it, "
+                         f"{_NO_MANIFEST}.")
+    checked = []
+    for index, entry in enumerate(entries):
+        label = _entry_label(manifest_path, index, entry)
+        if not isinstance(entry, dict):
+            raise ValueError(f"{label} is not an object with the fields \"af\" and \"he\"; fix "
+                             f"it, {_NO_MANIFEST}.")
+        for key, (required, test, what) in MANIFEST_FIELDS.items():
+            value = entry.get(key)
+            if value is None and not required:
+                continue
+            if key not in entry:
+                raise ValueError(f"{label} has no field {key!r} ({what}); add it, "
+                                 f"{_NO_MANIFEST}.")
+            if not test(value):
+                raise ValueError(f"{label}: field {key!r} must be {what}; got {value!r}.")
+        record = dict(entry, simulated=bool(manifest.get("simulated", False)))
+        for key in FILE_FIELDS:
+            if entry.get(key) is None:
+                continue
+            path = _manifest_file(folder, entry[key], allow_outside_paths,
+                                  f"{label}: field {key!r}")
+            if path.is_file():
+                record[f"{key}_path"] = str(path)
+            elif key != "pigment":  # a missing pigment mask is optional
+                raise FileNotFoundError(f"{label}: field {key!r} names {path}, which does not "
+                                        f"exist; fix the entry, {_NO_MANIFEST}.")
+        checked.append(record)
+    return checked
+
+
+def load_pairs(folder, allow_outside_paths: bool = False) -> list:
     """Read the pairs in `folder`: from manifest.json when present, otherwise every
     `<name>_af.*` with a matching `<name>_he.*` (and optional `<name>_pigment.*`). Each pair is
     a dict with numpy arrays "af" (C, h, w) float32 and "he" (Y, X, 3) uint8, optional
-    "pigment" (Y, X) bool, and the manifest fields (or "name" only)."""
+    "pigment" (Y, X) bool, "af_path" and "he_path", and the manifest fields (or "name" only).
+    Manifest entries that name files outside `folder` are refused unless
+    `allow_outside_paths`."""
     from .io import read_af, read_rgb
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder of image pairs.")
-    manifest_path = folder / "manifest.json"
     pairs = []
-    if manifest_path.is_file():
-        try:
-            manifest = json.loads(manifest_path.read_text())
-            entries = manifest["pairs"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{manifest_path} is not a valid pair manifest ({exc}); remove it "
-                             "to load the *_af / *_he files by name.") from None
-        for entry in entries:
-            pair = dict(entry)
-            pair["af"] = read_af(folder / entry["af"]).data
-            pair["he"] = read_rgb(folder / entry["he"]).data
-            if entry.get("pigment") and (folder / entry["pigment"]).is_file():
-                pair["pigment"] = _read_mask(folder / entry["pigment"])
-            pair["simulated"] = bool(manifest.get("simulated", False))
+    if (folder / MANIFEST_FILE).is_file():
+        for record in read_manifest(folder, allow_outside_paths):
+            pair = dict(record)
+            pair["af"] = read_af(record["af_path"]).data
+            pair["he"] = read_rgb(record["he_path"]).data
+            if "pigment_path" in record:
+                pair["pigment"] = _read_mask(Path(record["pigment_path"]))
             pairs.append(pair)
         return pairs
     for af_path in sorted(folder.iterdir()):

@@ -57,10 +57,49 @@ COARSE_GRID = 32  # the coarsest level (the multi-start search) has about this m
 FINE_POINTS = 180 * 180  # the finest level samples at most about this many points
 ELASTIC_POINTS = 130 * 130  # the elastic field is fitted on a level with at most this many
 DEFAULT_ELASTIC_SMOOTHNESS = 1e-3
+MAX_FACTOR = 32  # brightfield pixels per AF pixel, at most (AF and brightfield microscopes
+# differ by up to ~20x in pixel size)
 
 
 class RegistrationFailed(ValueError):
-    """The inputs cannot be registered at all (blank, too small, wrong shape)."""
+    """The inputs cannot be registered at all (blank, too small, wrong shape), or a setting
+    is out of range."""
+
+
+def check_factor(factor, name: str = "factor") -> int:
+    """`factor` (brightfield pixels per AF pixel) as an int from 1 to MAX_FACTOR; else
+    RegistrationFailed naming `name` (the option or argument)."""
+    value = _number(factor)
+    if not (value.is_integer() and 1 <= value <= MAX_FACTOR):
+        raise RegistrationFailed(f"{name} must be a whole number from 1 to {MAX_FACTOR} "
+                                 f"(brightfield pixels per AF pixel); got {factor!r}.")
+    return int(value)
+
+
+def check_min_score(min_score, name: str = "min_score") -> float:
+    """`min_score` as a float from 0 to 1 (the score is an R^2); else RegistrationFailed: NaN
+    would accept any match, unrelated tissue included."""
+    value = _number(min_score)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise RegistrationFailed(f"{name} must be a number from 0 to 1 (the similarity score "
+                                 f"a registration must reach; default {DEFAULT_MIN_SCORE}); "
+                                 f"got {min_score!r}.")
+    return value
+
+
+def _check_positive(value, name: str) -> float:
+    number = _number(value)
+    if not (math.isfinite(number) and number > 0):
+        raise RegistrationFailed(f"{name} must be a positive number; got {value!r}.")
+    return number
+
+
+def _number(value) -> float:
+    """float(value), or NaN when it is not a number (so range checks refuse it)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass
@@ -135,9 +174,7 @@ def _fixed_channels(fixed, fixed_kind: str, factor: int) -> tuple[np.ndarray, in
         raise RegistrationFailed(f"fixed_kind must be one of {FIXED_KINDS}; got {fixed_kind!r}.")
     fixed = np.asarray(fixed)
     if fixed_kind == "af":
-        if int(factor) != factor or factor < 1:
-            raise RegistrationFailed(f"factor must be a positive integer; got {factor!r}.")
-        factor = int(factor)
+        factor = check_factor(factor)
         if fixed.ndim == 2:
             fixed = fixed[None]
         if fixed.ndim != 3:
@@ -481,6 +518,25 @@ def _level_scales(pixel: int, height: int, width: int) -> list[int]:
     return scales[::-1]
 
 
+def _check_moving_covers(moving_shape, height: int, width: int, pixel: int, scales) -> None:
+    """RegistrationFailed when the brightfield image cannot cover MIN_OVERLAP of the fixed
+    field at any scale the fit allows, or is too small for the coarsest level (a wrong factor
+    makes the fixed field far larger than the brightfield image)."""
+    moving_height, moving_width = moving_shape[:2]
+    smallest_area_scale = (1 - MAX_LINEAR_CHANGE) ** 2 - MAX_LINEAR_CHANGE ** 2
+    reach = moving_height * moving_width / (smallest_area_scale * height * width)
+    step = max(1, scales[0] // 2)  # the moving image's pixel on the coarsest level
+    if reach >= MIN_OVERLAP and min(moving_height, moving_width) >= 2 * step:
+        return
+    at = f" ({height // pixel} x {width // pixel} AF pixels at factor {pixel})" \
+        if pixel > 1 else ""
+    raise RegistrationFailed(
+        f"The brightfield image ({moving_height} x {moving_width} px) is far too small for "
+        f"the fixed field of {height} x {width} px{at}: it could cover at most "
+        f"{min(reach, 1.0):.0%} of it. Check the factor (brightfield pixels per AF pixel) and "
+        "that the brightfield image shows the whole field.")
+
+
 def _warp_rgb(moving: np.ndarray, coord_x: np.ndarray, coord_y: np.ndarray) -> np.ndarray:
     """Resample the brightfield image at moving positions (bilinear); outside it is white,
     like empty glass."""
@@ -522,10 +578,15 @@ def register(moving_rgb, fixed, fixed_kind: str = "af", factor: int = 1,
     if transform not in TRANSFORM_BASES:
         raise RegistrationFailed(f"transform must be one of {tuple(TRANSFORM_BASES)}; got "
                                  f"{transform!r}.")
+    min_score = check_min_score(min_score)
+    elastic_smoothness = _check_positive(elastic_smoothness, "elastic_smoothness")
+    if elastic_spacing is not None:
+        elastic_spacing = _check_positive(elastic_spacing, "elastic_spacing")
     channels, pixel = _fixed_channels(fixed, fixed_kind, factor)
     height, width = channels.shape[1] * pixel, channels.shape[2] * pixel
-    od = optical_density(moving)
     scales = _level_scales(pixel, height, width)
+    _check_moving_covers(moving.shape, height, width, pixel, scales)
+    od = optical_density(moving)
     affine = _Affine(((width - 1) / 2.0, (height - 1) / 2.0), max(height, width) / 2.0)
     levels = {scale: (_FixedLevel(channels, pixel, scale), _MovingLevel(od, scale))
               for scale in scales}
@@ -632,16 +693,16 @@ def configure_cli(parser) -> None:
                         help="af: FIXED is a low-resolution AF stack; rgb: FIXED is an RGB "
                              "image at the brightfield resolution (default: af)")
     parser.add_argument("--factor", type=int, default=None, metavar="K",
-                        help="brightfield pixels per AF pixel (af only); default: from the "
-                             "two files' pixel sizes")
+                        help=f"brightfield pixels per AF pixel, 1 to {MAX_FACTOR} (af only); "
+                             "default: from the two files' pixel sizes")
     parser.add_argument("--affine", action="store_true",
                         help="fit a full affine map (adds shear and anisotropic scale) instead "
                              "of a similarity (shift, rotation, scale)")
     parser.add_argument("--elastic", action="store_true",
                         help="add a smooth elastic (B-spline) refinement after the global fit")
     parser.add_argument("--min-score", type=float, default=DEFAULT_MIN_SCORE,
-                        help=f"lowest similarity accepted as a registration (default "
-                             f"{DEFAULT_MIN_SCORE})")
+                        help=f"lowest similarity accepted as a registration, 0 to 1 "
+                             f"(default {DEFAULT_MIN_SCORE})")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace OUT if it exists")
 
@@ -653,9 +714,7 @@ def _resolve_factor(args, fixed_pixel, moving_pixel) -> int:
                              "on the brightfield grid already.")
         return 1
     if args.factor is not None:
-        if args.factor < 1:
-            raise ValueError(f"--factor must be a positive whole number; got {args.factor}.")
-        return args.factor
+        return check_factor(args.factor, "--factor")
     if fixed_pixel is None or moving_pixel is None:
         raise ValueError("Cannot tell the resolution ratio: the pixel size is missing from "
                          f"{'the AF image' if fixed_pixel is None else 'the brightfield image'}"
@@ -665,17 +724,26 @@ def _resolve_factor(args, fixed_pixel, moving_pixel) -> int:
     if factor < 1 or abs(ratio - factor) > 0.05 * factor:
         raise ValueError(f"The AF pixel is {ratio:.3f} brightfield pixels wide, not a whole "
                          "number; resample one image or give --factor K.")
+    if factor > MAX_FACTOR:
+        raise ValueError(f"The AF pixel is {ratio:.3f} brightfield pixels wide by the files' "
+                         f"pixel sizes, more than {MAX_FACTOR}; check the pixel sizes or give "
+                         "--factor K.")
     return factor
 
 
 def run_cli(args) -> int:
     import sys
-    from pathlib import Path
 
     from .. import __version__
-    from .io import read_af, read_rgb, write_ome_tiff
+    from ..atomic import refuse_inputs
+    from .io import check_output_path, read_af, read_rgb, write_ome_tiff
 
-    out = Path(args.out)
+    # Every option is checked before any image is read.
+    if args.factor is not None:
+        check_factor(args.factor, "--factor")
+    check_min_score(args.min_score, "--min-score")
+    out = check_output_path(args.out)
+    refuse_inputs([out], [args.moving, args.fixed])
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose another name or allow "
                               "overwriting (--overwrite).")
@@ -716,6 +784,6 @@ def run_cli(args) -> int:
               "moving": str(args.moving), "fixed": str(args.fixed),
               "registration": {**result.to_dict(), **summary}}
     write_ome_tiff(out, result.registered, "YXS", pixel_size=pixel_size, provenance=record,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, inputs=[args.moving, args.fixed])
     print(f"wrote {out} ({result.registered.shape[1]}x{result.registered.shape[0]})")
     return 0

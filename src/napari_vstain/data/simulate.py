@@ -59,6 +59,8 @@ def make_pairs(tissue: str, count: int, size: int, factor: int, seed: int) -> li
     """The pairs of one `vstain simulate` run (names <tissue>_s<seed>_<i>)."""
     if count < 1:
         raise ValueError(f"--count must be at least 1, not {count}.")
+    if seed < 0:
+        raise ValueError(f"--seed must be 0 or more, not {seed}.")
     pairs = []
     if tissue == "real":
         sources = real_he_images(with_details=True)
@@ -88,6 +90,9 @@ def make_pairs(tissue: str, count: int, size: int, factor: int, seed: int) -> li
 
 
 def run_cli(args) -> int:
+    from .io import check_output_path
+
+    check_output_path(args.out, folder=True)
     pairs = make_pairs(args.tissue, args.count, args.size, args.factor, args.seed)
     manifest = write_pairs(args.out, pairs, overwrite=args.overwrite)
     print(f"Wrote {len(pairs)} simulated {args.tissue} pairs (AF simulated) and {manifest}")

@@ -3,33 +3,38 @@ finished bands of output rows), so a whole slide never has to be in memory."""
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import recover_killed_runs, refuse_inputs, result_transaction
+from ..errors import OutputError
 from .io import TILE_SIZE, ome_metadata, tiff_layout
 
 
 class OmeTiffWriter:
     """Streams the stained RGB image and the CV map into two tiled OME-TIFFs, band by band,
-    so the whole image never has to be in memory. Both files appear only when the run
-    finishes (atomic writes); a cancelled or failed run leaves neither behind."""
+    so the whole image never has to be in memory. The two files are one result
+    (atomic.result_transaction): both appear when the run finishes, a cancelled, failed or
+    killed run leaves the previous pair (or nothing) as it was, and neither may replace an
+    input of the run (`inputs`)."""
 
     def __init__(self, rgb_path, cv_path, pixel_size=None, provenance: Optional[dict] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, inputs: Iterable = ()):
         self.rgb_path, self.cv_path = Path(rgb_path), Path(cv_path)
         if self.rgb_path.resolve() == self.cv_path.resolve():
-            raise ValueError(f"The stained image and the CV map cannot both be written to "
-                             f"{self.rgb_path}; give --cv-out another name.")
-        if not overwrite:
-            for path in (self.rgb_path, self.cv_path):
-                if path.exists():
-                    raise FileExistsError(f"{path} already exists; choose another name or "
-                                          "allow overwriting (--overwrite).")
+            raise OutputError(f"The stained image and the CV map cannot both be written to "
+                              f"{self.rgb_path}; give --cv-out another name.")
+        self.inputs = [Path(p) for p in inputs]
+        refuse_inputs((self.rgb_path, self.cv_path), self.inputs)
+        recover_killed_runs((self.rgb_path, self.cv_path))
+        for path in (self.rgb_path, self.cv_path):
+            if path.is_dir():
+                raise OutputError(f"{path} is a folder; give a file name for the output.")
+            if path.exists() and not overwrite:
+                raise FileExistsError(f"{path} already exists; choose another name or "
+                                      "allow overwriting (--overwrite).")
         self.pixel_size, self.provenance, self.overwrite = pixel_size, provenance, overwrite
 
     def _tiff_options(self, axes: str, shape: tuple, dtype, image: str, record: dict) -> dict:
@@ -46,33 +51,21 @@ class OmeTiffWriter:
         import tifffile
 
         height, width = out_shape
-        self.cv_path.parent.mkdir(parents=True, exist_ok=True)
-        # The CV rows wait in a raw scratch file (plain writes, outside the process memory)
-        # while the RGB file is streamed; the CV OME-TIFF is written from it afterwards.
-        fd, scratch = tempfile.mkstemp(prefix=f".{self.cv_path.name}.", suffix=".cv-rows",
-                                       dir=self.cv_path.parent)
-        try:
-            with os.fdopen(fd, "wb") as cv_rows:
+        outputs = (self.rgb_path, self.cv_path)
+        with result_transaction(outputs, self.inputs, self.overwrite) as tx:
+            # The CV rows wait in a raw scratch file (plain writes, outside the process
+            # memory) while the RGB file is streamed; the CV OME-TIFF is written from it.
+            scratch = tx.scratch(self.cv_path, "cv-rows")
+            with open(scratch, "wb") as cv_rows:
                 rgb_tiles = _tiles_of_bands(bands, width, TILE_SIZE, cv_rows)
-                atomic_write(self.rgb_path, lambda tmp: tifffile.imwrite(
-                    tmp, rgb_tiles, **self._tiff_options("YXS", (height, width, 3), np.uint8,
-                                                         "stained RGB, mean of samples",
-                                                         record)),
-                    self.overwrite)
+                tifffile.imwrite(tx.temporary(self.rgb_path), rgb_tiles, **self._tiff_options(
+                    "YXS", (height, width, 3), np.uint8, "stained RGB, mean of samples",
+                    record))
             cv_tiles = _tiles_of_raw_rows(scratch, height, width, TILE_SIZE)
-            try:
-                atomic_write(self.cv_path, lambda tmp: tifffile.imwrite(
-                    tmp, cv_tiles, **self._tiff_options(
-                        "YX", (height, width), np.float32,
-                        "coefficient of variation over samples (std / mean of RGB "
-                        "intensities in [0, 1], averaged over R, G, B)", record)),
-                    self.overwrite)
-            except BaseException:
-                self.rgb_path.unlink(missing_ok=True)  # no RGB image without its CV map
-                raise
-        finally:
-            Path(scratch).unlink(missing_ok=True)
-
+            tifffile.imwrite(tx.temporary(self.cv_path), cv_tiles, **self._tiff_options(
+                "YX", (height, width), np.float32,
+                "coefficient of variation over samples (std / mean of RGB intensities in "
+                "[0, 1], averaged over R, G, B)", record))
 
 
 def _tiles_of_bands(bands: Iterator, width: int, tile: int, cv_sink) -> Iterator:

@@ -8,8 +8,10 @@ the networks that build from these settings are in unet.py and model.py.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -21,6 +23,97 @@ LOSSES = ("l1", "l2")
 NORMS = ("group", "pixel")
 # "zscore": per channel; "zscore_joint": one mean and std over all channels (authors' code).
 AF_NORMALISATIONS = ("percentile", "zscore", "zscore_joint")
+
+
+# ---- allowed values: checked when a config is made, so a checkpoint's JSON config is refused
+# ---- before any tensor of its model exists (a checkpoint asking for 160 GB of weights, say) ----
+
+class Span(NamedTuple):
+    """Allowed values of a number: low..high inclusive (low excluded when `low_open`); whole
+    numbers only when both ends are ints."""
+
+    low: float
+    high: float
+    low_open: bool = False
+
+    @property
+    def whole(self) -> bool:
+        return isinstance(self.low, int) and isinstance(self.high, int)
+
+    def holds(self, value) -> bool:
+        if not isinstance(value, numbers.Integral) and not math.isfinite(value):
+            return False  # (ints of any size compare exactly; floats may be NaN)
+        return value <= self.high and (value > self.low if self.low_open else value >= self.low)
+
+    def __str__(self) -> str:
+        return f"{'more than ' if self.low_open else ''}{self.low:g} to {self.high:g}"
+
+
+UNET_SPANS = {"in_channels": Span(1, 256), "out_channels": Span(1, 16),
+              "base_channels": Span(1, 4096), "num_res_blocks": Span(1, 16),
+              "num_heads": Span(1, 256), "norm_groups": Span(1, 4096),
+              "attention_window": Span(0, 63), "dropout": Span(0.0, 0.9)}
+CHANNEL_MULT_ENTRY, CHANNEL_MULT_LEVELS = Span(1, 64), Span(1, 8)
+MODEL_SPANS = {"af_channels": Span(1, 64), "factor": Span(1, 8), "cnn_width": Span(1, 1024),
+               "cnn_hidden": Span(1, 4096), "num_steps": Span(1, 100_000),
+               "train_crop": Span(1, 8192), "max_variance": Span(0.0, 100.0, low_open=True),
+               "cnn_negative_slope": Span(0.0, 1.0),
+               "condition_loss_weight": Span(0.0, 1000.0)}
+
+
+class ConfigFieldError(ValueError):
+    """A config field with a value no model can be built from; the message names the field
+    ("unet.base_channels" inside the U-Net settings) and its value."""
+
+    def __init__(self, name: str, value, problem: str):
+        self.name, self.value, self.problem = name, value, problem
+        super().__init__(f"config field {name} = {_show(value)} {problem}")
+
+    def inside(self, section: str) -> "ConfigFieldError":
+        return ConfigFieldError(f"{section}.{self.name}", self.value, self.problem)
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_number(value, whole: bool) -> bool:
+    kind = numbers.Integral if whole else numbers.Real
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_spans(values: dict, spans: dict) -> None:
+    """ConfigFieldError for the first of `values` (name -> value) outside its Span."""
+    for name, span in spans.items():
+        value = values[name]
+        if not _is_number(value, span.whole):
+            raise ConfigFieldError(name, value, "is not a whole number" if span.whole
+                                   else "is not a number")
+        if not span.holds(value):
+            raise ConfigFieldError(name, value, f"is out of range ({span})")
+
+
+def check_number_list(name: str, value, entry: Span, length: Span, powers_of_two=False) -> None:
+    """ConfigFieldError unless `value` is a list of `length` numbers within `entry`."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigFieldError(name, value, "is not a list of numbers")
+    if not length.holds(len(value)):
+        raise ConfigFieldError(name, value, f"has {len(value)} entries; it needs {length}")
+    for item in value:
+        if (not _is_number(item, entry.whole) or not entry.holds(item)
+                or (powers_of_two and item & (item - 1))):
+            kind = ("a power of two" if powers_of_two
+                    else "a whole number" if entry.whole else "a number")
+            raise ConfigFieldError(name, value, f"has the entry {_show(item)}; each must be "
+                                   f"{kind} from {entry}")
+
+
+def check_flags(values: dict, names) -> None:
+    for name in names:
+        if not isinstance(values[name], bool):
+            raise ConfigFieldError(name, values[name], "is not true or false")
 
 
 @dataclass
@@ -44,9 +137,22 @@ class UNetConfig:
     def __post_init__(self):
         if self.norm not in NORMS:
             raise ValueError(f"Unknown U-Net norm {self.norm!r}; use one of {sorted(NORMS)}.")
-        if self.attention_window < 0 or (self.attention_window and self.attention_window % 2 == 0):
-            raise ValueError(f"attention_window must be 0 (global) or an odd number of pixels; "
-                             f"got {self.attention_window}.")
+        check_spans(vars(self), UNET_SPANS)
+        if self.attention_window % 2 == 0 and self.attention_window:
+            raise ConfigFieldError("attention_window", self.attention_window,
+                                   "must be 0 (global) or an odd number of pixels")
+        check_number_list("channel_mult", self.channel_mult, CHANNEL_MULT_ENTRY,
+                          CHANNEL_MULT_LEVELS)
+        deepest = 2 ** (CHANNEL_MULT_LEVELS.high - 1)
+        check_number_list("attention_downsample", self.attention_downsample, Span(1, deepest),
+                          Span(0, CHANNEL_MULT_LEVELS.high), powers_of_two=True)
+        self.channel_mult = tuple(self.channel_mult)
+        self.attention_downsample = tuple(self.attention_downsample)
+        for channels in sorted(self.attention_channels):
+            if channels % self.num_heads:
+                raise ConfigFieldError("num_heads", self.num_heads,
+                                       f"does not divide the {channels} channels of an "
+                                       "attention layer (base_channels x channel_mult)")
 
     @classmethod
     def authors(cls) -> "UNetConfig":
@@ -66,6 +172,13 @@ class UNetConfig:
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
         return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def attention_channels(self) -> set:
+        """The channel counts of the attention layers (the middle block has one too)."""
+        return {self.base_channels * mult for level, mult in enumerate(self.channel_mult)
+                if 2 ** level in self.attention_downsample} | {
+            self.base_channels * self.channel_mult[-1]}
 
 
 @dataclass
@@ -94,9 +207,18 @@ class ModelConfig:
 
     def __post_init__(self):
         if isinstance(self.unet, dict):
-            self.unet = config_from_dict(UNetConfig, {k: tuple(v) if isinstance(v, list) else v
-                                                      for k, v in self.unet.items()},
-                                         "U-Net settings")
+            try:
+                self.unet = config_from_dict(UNetConfig, self.unet, "U-Net settings")
+            except ConfigFieldError as exc:
+                raise exc.inside("unet") from None
+        if not isinstance(self.unet, UNetConfig):
+            raise ConfigFieldError("unet", self.unet, "is not a set of U-Net settings")
+        check_spans(vars(self), MODEL_SPANS)
+        check_flags(vars(self), ("unet_sees_af", "clip_x0"))
+        check_number_list("af_percentiles", self.af_percentiles, Span(0.0, 100.0), Span(2, 2))
+        if not self.af_percentiles[0] < self.af_percentiles[1]:
+            raise ConfigFieldError("af_percentiles", self.af_percentiles,
+                                   "must be a low and a higher percentile")
         self.af_percentiles = tuple(self.af_percentiles)
         expected_in = 6 + (self.af_channels if self.unet_sees_af else 0)
         if self.unet.in_channels != expected_in:
@@ -108,8 +230,6 @@ class ModelConfig:
         if self.af_normalisation not in AF_NORMALISATIONS:
             raise ValueError(f"Unknown AF normalisation {self.af_normalisation!r}; "
                              f"choose one of {AF_NORMALISATIONS}.")
-        if self.af_channels < 1:
-            raise ValueError(f"A model needs at least one AF channel, got {self.af_channels}.")
 
     @property
     def schedule(self) -> "BridgeSchedule":

@@ -23,13 +23,19 @@ torch.save. What their code does, and how it maps onto ours:
   channels and pixels (our "zscore_joint"); the H&E target is RGB / 127.5 - 1.
 
 The .pt files are pickles; they are read only with torch.load(weights_only=True), which
-refuses anything but tensors and plain containers, so no code stored in them ever runs.
+refuses anything but tensors and plain containers, so no code stored in them ever runs. Before
+that, the sizes of the file's records are read from its zip directory (a .pt file is a zip
+archive with one data/<n> entry per tensor storage) and a record larger than the largest weight
+of the model, or records adding up to more than the whole model, are refused unread; the
+numbers are then checked (floating point, no NaN or infinity) before anything is converted.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
+import zipfile
 from pathlib import Path
 
 AUTHORS_REPOSITORY = "https://github.com/Yijie-Zhang/Super-resolved-virtual-staining"
@@ -46,6 +52,11 @@ CNN_LAYER_NAMES = {
 # Containers a weights file may wrap its state dict in (an EMA copy is preferred).
 WRAPPER_KEYS = ("ema", "state_dict", "model")
 DATA_PARALLEL_PREFIX = "module."
+# Bytes a stored value may take (float64 copies of the weights are accepted and converted).
+MAX_VALUE_BYTES = 8
+# Zip entries other than tensor records (the pickle of names and shapes, version tags): the
+# pickle of the authors' 456 tensors takes about 40 KB.
+MAX_OTHER_ENTRY_BYTES = 16 * 2**20
 
 
 def paper_config():
@@ -62,15 +73,11 @@ def paper_config():
                      "order."))
 
 
-def _name_some(names, limit: int = 5) -> str:
-    names = sorted(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _unwrap(data, path: Path) -> dict:
     """The flat name -> tensor dict inside whatever their code (or a variant) saved."""
     import torch
+
+    from .checkpoint import name_some
 
     for _ in range(3):  # e.g. {"ema": {"state_dict": {...}}}
         if not isinstance(data, dict) or all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -87,7 +94,7 @@ def _unwrap(data, path: Path) -> dict:
     not_tensors = [str(k) for k, v in data.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise _checkpoint_error(f"{path} is not a state dict: {len(not_tensors)} entries are "
-                                f"not tensors ({_name_some(not_tensors)}).")
+                                f"not tensors ({name_some(not_tensors)}).")
     if all(str(k).startswith(DATA_PARALLEL_PREFIX) for k in data):
         data = {k[len(DATA_PARALLEL_PREFIX):]: v for k, v in data.items()}
     return dict(data)
@@ -101,19 +108,62 @@ def _checkpoint_error(message: str):
     return CheckpointError(message)
 
 
-def load_authors_state(path) -> dict:
+def _check_record_sizes(path: Path, config) -> None:
+    """Refuse, before torch reads it, a .pt file whose records (from the zip directory) could
+    not be weights of `config`'s model: one larger than its largest weight, or all together
+    more than the whole model (at MAX_VALUE_BYTES a value). A file in PyTorch's older non-zip
+    format is held to the whole model's size."""
+    unet, cnn = authors_shapes(config)
+    sizes = [math.prod(shape) for shape in (*unet.values(), *cnn.values())]
+    largest, total = max(sizes) * MAX_VALUE_BYTES, sum(sizes) * MAX_VALUE_BYTES
+    if not zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        if size > total + MAX_OTHER_ENTRY_BYTES:
+            raise _checkpoint_error(f"{path} is {size:,} bytes, more than the authors' whole "
+                                    f"model takes ({total:,} bytes), so it was not loaded; pass "
+                                    "the authors' ema_0.9999_220000.pt and its _compress.pt.")
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise _checkpoint_error(f"{path} is not a readable PyTorch weights file ({exc}); it may "
+                                "be truncated or of another format.") from None
+    records = [e for e in entries if e.filename.split("/")[-2:-1] == ["data"]]
+    for entry in entries:
+        limit, what = ((largest, "the largest weight of the authors' model") if entry in records
+                       else (MAX_OTHER_ENTRY_BYTES, "a weights file's index may take"))
+        if entry.file_size > limit:
+            raise _checkpoint_error(
+                f"{path}: the record {entry.filename} holds {entry.file_size:,} bytes, more "
+                f"than {what} ({limit:,} bytes), so the file was not loaded; pass the authors' "
+                "ema_0.9999_220000.pt and its _compress.pt.")
+    stored = sum(entry.file_size for entry in records)
+    if stored > total:
+        raise _checkpoint_error(
+            f"{path} holds {stored:,} bytes of tensors in {len(records)} records, more than the "
+            f"authors' whole model takes ({total:,} bytes), so it was not loaded; pass the "
+            "authors' ema_0.9999_220000.pt and its _compress.pt.")
+
+
+def load_authors_state(path, config=None) -> dict:
     """Read one of the authors' .pt files as a flat {name: tensor} dict, safely.
 
-    Only torch.load(weights_only=True) is used; a file that would need to run code to load
-    (a pickled object rather than plain tensors) is refused with CheckpointError.
+    The record sizes are checked against `config`'s model (default `paper_config()`) from the
+    zip directory first; then only torch.load(weights_only=True) is used, so a file that would
+    need to run code to load (a pickled object rather than plain tensors) is refused with
+    CheckpointError; weights that are not floating point or not finite are refused too.
     """
     import pickle
 
     import torch
 
+    from .checkpoint import check_weights
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No weights file at {path}.")
+    _check_record_sizes(path, paper_config() if config is None else config)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -126,7 +176,9 @@ def load_authors_state(path) -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise _checkpoint_error(f"{path} is not a readable PyTorch weights file ({exc}); it may "
                                 "be truncated or of another format.") from None
-    return _unwrap(data, path)
+    state = _unwrap(data, path)
+    check_weights(state, path)
+    return state
 
 
 def authors_shapes(config) -> tuple[dict, dict]:
@@ -156,18 +208,9 @@ def _our_cnn_name(authors_name: str) -> str:
 
 
 def _check_names_and_shapes(label: str, state: dict, expected: dict) -> None:
-    missing = set(expected) - set(state)
-    unexpected = set(state) - set(expected)
-    wrong = sorted(f"{k} {tuple(state[k].shape)} instead of {expected[k]}"
-                   for k in set(state) & set(expected) if tuple(state[k].shape) != expected[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing weights ({_name_some(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected weights ({_name_some(unexpected)})")
-    if wrong:
-        problems.append(f"{len(wrong)} weights of the wrong shape ({'; '.join(wrong[:5])}"
-                        + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else "") + ")")
+    from .checkpoint import shape_problems
+
+    problems = shape_problems({k: tuple(v.shape) for k, v in state.items()}, expected)
     if problems:
         raise _checkpoint_error(f"The {label} does not match the paper's model: "
                                 + "; ".join(problems) + ". Nothing was imported.")
@@ -211,7 +254,8 @@ def import_weights(unet_pt, cnn_pt, out_path, overwrite: bool = False, config=No
         raise FileExistsError(f"{out_path} already exists; choose another name or allow "
                               "overwriting (--overwrite).")
     config = paper_config() if config is None else config
-    state = authors_to_vstain(load_authors_state(unet_pt), load_authors_state(cnn_pt), config)
+    state = authors_to_vstain(load_authors_state(unet_pt, config),
+                              load_authors_state(cnn_pt, config), config)
     model = VStainModel(config)
     model.load_state_dict(state, strict=True)
     extra = {"source": f"{AUTHORS_REPOSITORY}: U-Net {unet_pt.name}, CNN {cnn_pt.name}",

@@ -9,6 +9,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from ..errors import NonFiniteOutputError
 from ..settings import StainSettings
 from .model import VStainModel, af_statistics, model_to_rgb, normalise_af
 from .samplers import coefficient_of_variation, run_sampler
@@ -120,6 +121,8 @@ class StainResult:
 def summarise_samples(samples: torch.Tensor, settings: StainSettings,
                       keep_samples: bool = False, record: Optional[dict] = None) -> StainResult:
     """Average N samples (N, 3, H, W) in [-1, 1] and compute the per-pixel CV map."""
+    if not torch.isfinite(samples).all():
+        raise NonFiniteOutputError("in the samples of an image stained whole")
     mean = samples.mean(dim=0)
     cv = coefficient_of_variation(samples).cpu().numpy().astype(np.float32)
     kept = (np.stack([model_to_rgb(s) for s in samples]) if keep_samples else None)

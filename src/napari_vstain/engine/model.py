@@ -6,6 +6,7 @@ Conventions: AF images enter as (B, C, h, w) float tensors already normalised wi
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -21,24 +22,52 @@ from .unet import UNet
 
 # ---- AF normalisation (per image, so every tile of one image is normalised alike) -------------
 
+# AF values farther than this many times their channel's 1-99 percentile span outside that
+# span are clipped (hot pixels, corrupt values): two pixels of 3e38 must not blacken a tile.
+# The margin is wide so that real bright structures on a dark background are kept.
+OUTLIER_SPANS = 100.0
+
+
 def af_statistics(af: np.ndarray, config: ModelConfig) -> dict:
-    """Normalisation statistics of one whole AF image (C, h, w), one entry per channel."""
+    """Normalisation statistics of one whole AF image (C, h, w), one entry per channel, and
+    the range beyond which values count as outliers (clipped by `normalise_af`, with a
+    warning here that says how many)."""
     data = np.asarray(af, dtype=np.float32).reshape(af.shape[0], -1)
     if data.shape[1] > 4_000_000:  # a strided subsample is plenty for percentiles
         data = data[:, :: data.shape[1] // 4_000_000 + 1]
+    data = data.astype(np.float64)
+    lo, hi = np.percentile(data, (1, 99), axis=1)
+    span = np.maximum(hi - lo, 1e-6)
+    clip_low, clip_high = lo - OUTLIER_SPANS * span, hi + OUTLIER_SPANS * span
+    outliers = int(((data < clip_low[:, None]) | (data > clip_high[:, None])).sum())
+    if outliers:
+        sampled = " (counted on a sample of the image)" if data.shape[1] < af[0].size else ""
+        warnings.warn(f"{outliers} AF pixel values{sampled} lie far outside their channel's "
+                      f"range (more than {OUTLIER_SPANS:g} times its 1-99 % span beyond it) "
+                      "and are clipped to that range; check the image for hot pixels or "
+                      "corrupt values.", stacklevel=2)
+    # The statistics leave the outliers out, so two extreme pixels do not move them.
+    kept = [row[(row >= low) & (row <= high)] for row, low, high in zip(data, clip_low,
+                                                                        clip_high)]
+    stats = {"clip_low": clip_low.tolist(), "clip_high": clip_high.tolist()}
     if config.af_normalisation == "percentile":
-        lo, hi = np.percentile(data, config.af_percentiles, axis=1)
-        return {"low": lo.tolist(), "high": hi.tolist()}
+        bounds = np.array([np.percentile(row, config.af_percentiles) for row in kept])
+        return {**stats, "low": bounds[:, 0].tolist(), "high": bounds[:, 1].tolist()}
     if config.af_normalisation == "zscore_joint":
-        channels = data.shape[0]
-        mean, std = float(data.mean(dtype=np.float64)), float(data.std(dtype=np.float64))
-        return {"mean": [mean] * channels, "std": [std] * channels}
-    return {"mean": data.mean(axis=1).tolist(), "std": data.std(axis=1).tolist()}
+        joint = np.concatenate(kept)
+        mean, std = float(joint.mean()), float(joint.std())
+        return {**stats, "mean": [mean] * len(kept), "std": [std] * len(kept)}
+    return {**stats, "mean": [float(row.mean()) for row in kept],
+            "std": [float(row.std()) for row in kept]}
 
 
 def normalise_af(af: np.ndarray, stats: dict) -> np.ndarray:
-    """Map raw AF (C, h, w) to about [-1, 1] (percentile) or zero mean, unit variance."""
+    """Map raw AF (C, h, w) to about [-1, 1] (percentile) or zero mean, unit variance, after
+    clipping outliers to the range in `stats` (from `af_statistics`)."""
     af = np.asarray(af, dtype=np.float32)
+    if "clip_low" in stats:
+        af = np.clip(af, np.asarray(stats["clip_low"], np.float32)[:, None, None],
+                     np.asarray(stats["clip_high"], np.float32)[:, None, None])
     if "low" in stats:
         lo = np.asarray(stats["low"], np.float32)[:, None, None]
         hi = np.asarray(stats["high"], np.float32)[:, None, None]

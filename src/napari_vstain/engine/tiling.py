@@ -35,6 +35,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from ..errors import NonFiniteOutputError
 from ..settings import StainSettings
 from .inference import NoiseField, StainResult, provenance
 from .model import af_statistics, model_to_rgb, normalise_af
@@ -255,6 +256,8 @@ class _BandAccumulator:
         weight = self.weight[:n]
         if np.any(weight <= 0):
             raise RuntimeError("Some output pixels were not covered by any tile.")
+        if not (np.isfinite(self.raw[:, :n]).all() and np.isfinite(self.variance[:, :n]).all()):
+            raise NonFiniteOutputError(f"output rows {self.top} to {until - 1}")
         rgb = model_to_rgb(self.raw[:, :n] / weight)
         cv = cv_from_mean_and_variance(self.intensity[:, :n] / weight,
                                        self.variance[:, :n] / weight)

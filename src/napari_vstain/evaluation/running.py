@@ -127,12 +127,22 @@ def simulated_pairs(tissues: list, count: int, seed: int, size: int, factor: int
 
 
 def _check_pair_shapes(record: dict, factor: int) -> dict:
+    """The pair with its H&E image cut to exactly `factor` x its AF image. The H&E image may
+    be larger by a registration border (under one AF pixel or 2 % of its side); a pair of
+    another factor is refused rather than scored on a crop."""
     af, he = np.asarray(record["af"], np.float32), np.asarray(record["he"])
     want = (af.shape[1] * factor, af.shape[2] * factor)
     if he.ndim != 3 or he.shape[0] < want[0] or he.shape[1] < want[1]:
         raise ValueError(f"Pair {record['name']}: the H&E image {he.shape[:2]} is smaller than "
                          f"{factor} x the AF image {af.shape[1:]}; check the factor or register "
                          "the pair first.")
+    if any(big - side >= max(factor, 0.02 * side) for big, side in zip(he.shape[:2], want)):
+        ratios = [f"{big / small:.2f}" for big, small in zip(he.shape[:2], af.shape[1:])]
+        ratio = ratios[0] if ratios[0] == ratios[1] else " x ".join(ratios)
+        raise ValueError(f"Pair {record['name']}: the H&E image {he.shape[:2]} is {ratio} times "
+                         f"the AF image {af.shape[1:]}, but the model's factor is {factor}; "
+                         f"use pairs whose H&E images are {factor} times their AF images, or "
+                         "a model of the pairs' factor.")
     record = dict(record, af=af, he=np.ascontiguousarray(he[: want[0], : want[1]]))
     if record.get("pigment") is not None:
         record["pigment"] = np.asarray(record["pigment"], bool)[: want[0], : want[1]]

@@ -6,6 +6,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import CheckpointError
+
+TRAINING_FORMAT = "napari-vstain-training"
+# the JSON training state: field -> type
+STATE_FIELDS = {"step": int, "elapsed_s": (int, float), "world_size": int, "optimizer": dict,
+                "sampler_states": list, "log": list, "config": dict}
+_START_AGAIN = "start a new run in another --out folder"
+
 
 def _optimizer_tensors(optimizer) -> tuple[dict, dict]:
     """The optimiser state split into tensors and JSON-able values."""
@@ -59,22 +67,67 @@ def write_training_checkpoint(path: Path, model, ema_model, optimizer, step: int
             "optimizer": optim_info,
             "sampler_states": [s["sampler"] for s in rank_states],
             "log": log_rows, "config": config}
-    metadata = {"format": "napari-vstain-training", "training_state": json.dumps(info)}
+    metadata = {"format": TRAINING_FORMAT, "training_state": json.dumps(info)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
                  overwrite=True)
 
 
-def read_training_checkpoint(path: Path) -> tuple[dict, dict]:
-    """(tensors, JSON state) of a training checkpoint."""
+def _open_checkpoint(path: Path, tensors: bool) -> tuple[dict, dict]:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            if metadata.get("format") != TRAINING_FORMAT:
+                return metadata, {}
+            return metadata, ({name: handle.get_tensor(name) for name in handle.keys()}
+                              if tensors else {})
     except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise ValueError(f"{path} is not a readable training checkpoint ({exc}); it may be "
-                         "damaged. Start a new run in another --out folder.") from None
-    if metadata.get("format") != "napari-vstain-training":
-        raise ValueError(f"{path} is not a napari-vstain training checkpoint.")
-    return tensors, json.loads(metadata["training_state"])
+        raise CheckpointError(f"{path} is not a readable training checkpoint ({exc}); it may be "
+                              f"damaged: {_START_AGAIN}.") from None
+
+
+def _training_state(path: Path, metadata: dict) -> dict:
+    """The checked JSON training state of a checkpoint's header."""
+    tag = metadata.get("format")
+    if tag != TRAINING_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (format {tag!r}): it holds no optimiser or "
+            "training state to resume from (a trained model, such as model.safetensors, "
+            f"cannot be resumed); put the run's own checkpoint back, or {_START_AGAIN}.")
+    try:
+        state = json.loads(metadata["training_state"])
+    except (KeyError, ValueError):
+        state = None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has no readable training state in its header; it may be "
+                              f"damaged: {_START_AGAIN}.")
+    wrong = [name for name, kind in STATE_FIELDS.items()
+             if not isinstance(state.get(name), kind) or isinstance(state.get(name), bool)]
+    if not wrong and (state["world_size"] < 1
+                      or len(state["sampler_states"]) != state["world_size"]):
+        wrong = ["world_size", "sampler_states"]
+    if wrong:
+        raise CheckpointError(f"{path} has an incomplete training state (missing or wrong: "
+                              f"{', '.join(wrong)}); it may be damaged: {_START_AGAIN}.")
+    return state
+
+
+def read_training_state(path: Path) -> dict:
+    """The JSON training state of a training checkpoint (its header only), checked."""
+    return _training_state(path, _open_checkpoint(path, tensors=False)[0])
+
+
+def read_training_checkpoint(path: Path) -> tuple[dict, dict]:
+    """(tensors, JSON state) of a training checkpoint; CheckpointError (a sentence) for a file
+    that is damaged, incomplete or not a training checkpoint."""
+    metadata, tensors = _open_checkpoint(path, tensors=True)
+    state = _training_state(path, metadata)
+    needed = ["rng.torch"] + [f"rng.loss.rank{r}" for r in range(state["world_size"])]
+    missing = [name for name in needed if name not in tensors] + [
+        f"{part}.*" for part in ("model", "ema")
+        if not any(name.startswith(part + ".") for name in tensors)]
+    if missing:
+        raise CheckpointError(f"{path} lacks the tensors {', '.join(missing)}; it may be "
+                              f"damaged: {_START_AGAIN}.")
+    return tensors, state

@@ -52,7 +52,8 @@ def load_training_data(model_config, settings: TrainSettings) -> tuple[list, lis
     folder = Path(settings.data)
     if not folder.is_dir():
         raise FileNotFoundError(f"No data folder at {folder}.")
-    records = sorted(load_pairs(folder), key=lambda r: str(r.get("name", "")))
+    records = sorted(load_pairs(folder, allow_outside_paths=settings.allow_outside_paths),
+                     key=lambda r: str(r.get("name", "")))
     if not records:
         raise ValueError(f"{folder} holds no AF / H&E pairs (files named <name>_af.tif and "
                          "<name>_he.tif, or a manifest.json).")

@@ -11,11 +11,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..errors import CheckpointError
 from .checkpoint import load_optimizer, read_training_checkpoint, write_training_checkpoint
 from .data import load_training_data
-from .distributed import agree, init_distributed, training_device
+from .distributed import Distributed, agree, init_distributed, training_device
 from .reports import plot_loss, write_log, write_validation
-from .settings import CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TrainSettings, config_dict
+from .rundir import check_run_folder, run_folder_lock
+from .settings import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TrainSettings,
+                       check_resumed_config, config_dict, with_training_crop)
 
 
 def ema_decay_at(step: int, ema_decay: float) -> float:
@@ -46,7 +49,43 @@ def train(model_config, settings: TrainSettings, out, resume: bool = False,
     `step_callback(step, loss)` is called after every optimiser step (an exception raised in
     it stops the run without a final save, as a crash would). `data` = (training pairs,
     validation pairs, description) replaces loading them from the settings.
+
+    Settings are checked before anything is written to `out`; a folder whose run stopped
+    before its first checkpoint is started again; one training process at a time uses `out`.
     """
+    settings.validate()
+    # The crop the model is trained on is also its inference tile size (GroupNorm statistics).
+    model_config = with_training_crop(model_config, settings.crop)
+    out = Path(out)
+    dist_info = init_distributed(settings.device)
+    with run_folder_lock(out, active=dist_info.is_main):
+        return _train(model_config, settings, out, resume, progress, step_callback, data,
+                      dist_info)
+
+
+def _restore(checkpoint_path: Path, tensors: dict, state: dict, rank: int, model, ema_model,
+             optimizer, loss_generator, sampler) -> None:
+    """Put the checkpoint's state into the run's objects; CheckpointError when it does not
+    fit them (a checkpoint of another model, or damaged)."""
+    import torch
+
+    try:
+        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        ema_model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        load_optimizer(optimizer, tensors, state["optimizer"])
+        torch.set_rng_state(tensors["rng.torch"])
+        loss_generator.set_state(tensors[f"rng.loss.rank{rank}"])
+        sampler.load_state_dict(state["sampler_states"][rank])
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{checkpoint_path} does not fit this run ({first_line}); it may "
+                              "be damaged or belong to another run: put the run's own "
+                              "checkpoint back, or start a new run in another --out "
+                              "folder.") from None
+
+
+def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progress: bool,
+           step_callback, data, dist_info: Distributed) -> Optional[Path]:
     import copy
 
     import torch
@@ -58,26 +97,19 @@ def train(model_config, settings: TrainSettings, out, resume: bool = False,
     from ..engine.devices import describe_device
     from ..engine.model import VStainModel
 
-    settings.validate()
-    out = Path(out)
     checkpoint_path = out / CHECKPOINT_FILE
-    dist_info = init_distributed(settings.device)
+    restart = check_run_folder(out, resume)
+    config = config_dict(model_config, settings)
+    if resume:  # checked before the (slow) data loading
+        tensors, saved_state = read_training_checkpoint(checkpoint_path)
+        check_resumed_config(config, saved_state["config"], checkpoint_path, out / CONFIG_FILE)
+        if saved_state["world_size"] != dist_info.world_size:
+            raise ValueError(f"The run was trained with {saved_state['world_size']} "
+                             "process(es); resume it with the same number (now "
+                             f"{dist_info.world_size}).")
     if settings.threads:
         torch.set_num_threads(int(settings.threads))
     device = training_device(settings.device, dist_info)
-    # The crop the model is trained on is also its inference tile size (GroupNorm statistics).
-    model_config = dataclasses.replace(model_config, train_crop=settings.crop)
-    config = config_dict(model_config, settings)
-
-    if resume and not checkpoint_path.is_file():
-        raise FileNotFoundError(f"Nothing to resume: {checkpoint_path} does not exist.")
-    if not resume and (checkpoint_path.exists() or (out / CONFIG_FILE).exists()):
-        raise FileExistsError(f"{out} already holds a training run; continue it with --resume "
-                              "or choose another --out folder.")
-    crop_multiple = model_config.factor * model_config.af_size_multiple
-    if settings.crop % crop_multiple:
-        raise ValueError(f"--crop must be a multiple of {crop_multiple} for this model (factor "
-                         f"{model_config.factor} x U-Net depth); got {settings.crop}.")
 
     train_pairs, validation_pairs, data_description = (
         data if data is not None else load_training_data(model_config, settings))
@@ -92,20 +124,18 @@ def train(model_config, settings: TrainSettings, out, resume: bool = False,
                                   weight_decay=settings.weight_decay)
     step, elapsed_before, log_rows = 0, 0.0, []
     if resume:
-        tensors, state = read_training_checkpoint(checkpoint_path)
-        if state["world_size"] != dist_info.world_size:
-            raise ValueError(f"The run was trained with {state['world_size']} process(es); "
-                             f"resume it with the same number (now {dist_info.world_size}).")
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        ema_model.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        load_optimizer(optimizer, tensors, state["optimizer"])
-        torch.set_rng_state(tensors["rng.torch"])
-        loss_generator.set_state(tensors[f"rng.loss.rank{dist_info.rank}"])
-        sampler.load_state_dict(state["sampler_states"][dist_info.rank])
-        step, elapsed_before, log_rows = state["step"], state["elapsed_s"], state["log"]
-    elif dist_info.is_main:
+        _restore(checkpoint_path, tensors, saved_state, dist_info.rank, model, ema_model,
+                 optimizer, loss_generator, sampler)
+        step = saved_state["step"]
+        elapsed_before, log_rows = saved_state["elapsed_s"], saved_state["log"]
+    if dist_info.is_main and not (resume and (out / CONFIG_FILE).exists()):
+        # a new run; one that stopped before its first checkpoint, started again (its config
+        # replaced); or a resumed run whose config.json was lost (restored from the checkpoint)
+        if restart and progress:
+            print(f"{out} holds the config of a run that stopped before its first checkpoint; "
+                  "starting it again.")
         atomic_write(out / CONFIG_FILE,
-                     lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
+                     lambda tmp: tmp.write_text(json.dumps(config, indent=2)), overwrite=True)
     # Moving after loading keeps the optimiser state on the model's device.
     model.to(device)
     ema_model.to(device).eval()

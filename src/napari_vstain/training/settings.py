@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from ..engine.config import ModelConfig
+from ..engine.config import (AF_NORMALISATIONS, LOSSES, NORMS, OBJECTIVES, ModelConfig,
+                             UNetConfig)
 
 # Seeds of simulated images: training pools use seeds >= TRAIN_SEED_START; the rest are held out.
 TRAIN_SEED_START = 1000
@@ -48,19 +52,14 @@ class TrainSettings:
     simulate_count: int = 16  # simulated pairs per tissue
     simulate_size: int = 256  # H&E size of each simulated pair
     register: bool = False  # register each H&E image onto its AF image before training
+    # read manifest entries of the --data folder that name files outside it
+    allow_outside_paths: bool = False
 
-    def validate(self) -> "TrainSettings":
-        for name in ("steps", "batch_size", "crop", "checkpoint_every", "validate_every",
-                     "log_every", "simulate_count", "simulate_size"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got "
-                                 f"{getattr(self, name)}.")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive; got {self.lr}.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"--ema-decay must be in [0, 1); got {self.ema_decay}.")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ValueError(f"--max-minutes must be positive; got {self.max_minutes}.")
+    def validate(self, where: Optional[Callable[[str], str]] = None) -> "TrainSettings":
+        """Refuse a wrong type or an impossible number with a sentence naming the setting by
+        `where("training.<name>")` (default: its flag, e.g. --steps)."""
+        where = where or describe_setting
+        check_training_fields(dataclasses.asdict(self), where)
         if bool(self.data) == bool(self.simulate):
             raise ValueError("Give exactly one data source: --data DIR (a folder of *_af / *_he "
                              "pairs) or --simulate lung,heart.")
@@ -74,29 +73,165 @@ class TrainSettings:
 # Settings that may change when a run is resumed (they do not change the trained weights,
 # except `steps` and `max_minutes`, which only say how far to go).
 RESUMABLE_OVERRIDES = ("steps", "max_minutes", "checkpoint_every", "validate_every",
-                       "log_every", "device", "threads")
+                       "log_every", "device", "threads", "allow_outside_paths")
+
+
+# ---- checking settings, naming where each came from ---------------------------------------
+# A setting is named by its dotted key ("training.steps", "model.unet.base_channels"); `where`
+# turns a key into what the user wrote: a flag, or the key in a config file.
+
+# The model settings that have a flag (`vstain train --help` lists them).
+MODEL_FLAGS = {"model.factor": "--factor", "model.unet.base_channels": "--base-channels",
+               "model.unet.channel_mult": "--channel-mult",
+               "model.unet.num_res_blocks": "--num-res-blocks",
+               "model.unet.attention_downsample": "--attention-downsample",
+               "model.cnn_width": "--cnn-width", "model.cnn_hidden": "--cnn-hidden",
+               "model.unet_sees_af": "--unet-sees-af",
+               "model.condition_loss_weight": "--condition-loss-weight", "model.loss": "--loss",
+               "model.objective": "--objective", "model.num_steps": "--num-steps"}
+MODEL_CHOICES = {"model.objective": OBJECTIVES, "model.loss": LOSSES,
+                 "model.af_normalisation": AF_NORMALISATIONS, "model.unet.norm": NORMS}
+
+
+def describe_setting(key: str) -> str:
+    """A setting as a user gives it on the command line: its flag, or its config-file key."""
+    section, _, name = key.partition(".")
+    if section == "training":
+        return "--" + name.replace("_", "-")
+    return MODEL_FLAGS.get(key) or f'the model setting "{key}"'
+
+
+def _in_file(path) -> Callable[[str], str]:
+    return lambda key: f'"{key}" in {path}'
+
+
+def _at_least(low):
+    return (lambda v: v >= low), f"at least {low:g}"
+
+
+_POSITIVE = (lambda v: v > 0, "positive")
+# training setting -> (test, what the value must be); types come from TrainSettings' fields
+TRAINING_LIMITS = {
+    **{name: _at_least(1) for name in ("steps", "batch_size", "crop", "checkpoint_every",
+                                       "validate_every", "log_every", "simulate_count",
+                                       "simulate_size", "threads")},
+    "seed": (lambda v: 0 <= v < 2 ** 63, "from 0 to 2**63 - 1"),
+    "lr": _POSITIVE, "max_minutes": _POSITIVE,
+    "weight_decay": _at_least(0), "grad_clip": _at_least(0),
+    "ema_decay": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v.strip().lower()),
+               "auto, cpu, cuda, cuda:N or mps"),
+}
+_KINDS = {bool: "true or false", int: "a whole number", float: "a finite number", str: "text"}
+
+
+def _is_kind(value, kind) -> bool:
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_training_fields(values: dict, where: Callable[[str], str] = describe_setting) -> None:
+    """Refuse an unknown training setting, a value of the wrong type or an impossible number
+    among `values` (some or all TrainSettings fields), naming it by where("training.<name>")."""
+    hints = typing.get_type_hints(TrainSettings)
+    for name, value in values.items():
+        key = f"training.{name}"
+        if name not in hints:
+            raise ValueError(f"{where(key)} is not a training setting; known: "
+                             f"{', '.join(sorted(hints))}.")
+        kind = hints[name]
+        if type(None) in typing.get_args(kind):  # Optional[...]: may be null
+            if value is None:
+                continue
+            kind = next(k for k in typing.get_args(kind) if k is not type(None))
+        if kind is list:
+            ok, what = (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value),
+                        "a list of names")
+        else:
+            ok, what = _is_kind(value, kind), _KINDS[kind]
+        if ok and name in TRAINING_LIMITS:
+            test, what = TRAINING_LIMITS[name]
+            ok = bool(test(value))
+        if not ok:
+            raise ValueError(f"{where(key)} must be {what}; got {value!r}.")
+
+
+def model_config_from(values: dict, where: Callable[[str], str] = describe_setting
+                      ) -> ModelConfig:
+    """ModelConfig from JSON-like model settings; a wrong one is refused with a sentence
+    naming it by where("model.<name>") (ModelConfig checks types and ranges itself)."""
+    sections = [("model", ModelConfig, values)]
+    if isinstance(values.get("unet"), dict):
+        sections.append(("model.unet", UNetConfig, values["unet"]))
+    for section, cls, data in sections:
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in data:
+            if name not in known:
+                raise ValueError(f"{where(f'{section}.{name}')} is not a model setting; known: "
+                                 f"{', '.join(sorted(known))}.")
+    for key, choices in MODEL_CHOICES.items():
+        section = values.get("unet") if key.startswith("model.unet.") else values
+        value = section.get(key.rpartition(".")[2]) if isinstance(section, dict) else None
+        if value is not None and value not in choices:
+            raise ValueError(f"{where(key)} must be one of {', '.join(choices)}; got {value!r}.")
+    return _checked_model(lambda: ModelConfig.from_dict(dict(values)), where)
+
+
+def _checked_model(build: Callable[[], ModelConfig], where) -> ModelConfig:
+    try:
+        return build()
+    except ValueError as exc:  # engine.config's ConfigFieldError names the field
+        name, problem = getattr(exc, "name", None), getattr(exc, "problem", None)
+        if not (name and problem):
+            raise
+        raise ValueError(f"{where('model.' + name)} {problem}; got "
+                         f"{_show(getattr(exc, 'value', None))}.") from None
+
+
+def with_training_crop(model_config: ModelConfig, crop: int,
+                       where: Callable[[str], str] = describe_setting) -> ModelConfig:
+    """The model config with `crop` as its training crop (also its inference tile size: the
+    GroupNorm statistics); refuses a crop that the factor and the U-Net depth cannot take."""
+    multiple = model_config.factor * model_config.af_size_multiple
+    if crop % multiple:
+        raise ValueError(f"{where('training.crop')} must be a multiple of {multiple} for this "
+                         f"model (factor {model_config.factor} x U-Net depth); got {crop}.")
+    return _checked_model(lambda: dataclasses.replace(model_config, train_crop=crop),
+                          lambda key: where("training.crop" if key == "model.train_crop"
+                                            else key))
+
+
+def _build(model_values: dict, training: dict, where, default_crop: bool = False) -> tuple:
+    """(ModelConfig, TrainSettings) from settings dicts, checked; `default_crop`: a crop not
+    given is the model's own train_crop."""
+    model_config = model_config_from(model_values, where)
+    check_training_fields(training, where)
+    settings = TrainSettings(**training)
+    if default_crop and "crop" not in training:
+        settings.crop = model_config.train_crop
+    settings.validate(where)
+    return with_training_crop(model_config, settings.crop, where), settings
 
 
 # ---- configuration: defaults < config file < flags ----------------------------------------
 
 def _model_overrides(args) -> dict:
-    """Model settings given as flags (None = not given)."""
-    unet = {}
-    if args.base_channels is not None:
-        unet["base_channels"] = args.base_channels
-    if args.channel_mult is not None:
-        unet["channel_mult"] = _int_tuple(args.channel_mult, "--channel-mult")
-    if args.num_res_blocks is not None:
-        unet["num_res_blocks"] = args.num_res_blocks
-    if args.attention_downsample is not None:
-        unet["attention_downsample"] = _int_tuple(args.attention_downsample,
-                                                  "--attention-downsample", allow_empty=True)
-    model = {name: getattr(args, name) for name in
-             ("factor", "cnn_width", "cnn_hidden", "unet_sees_af", "condition_loss_weight",
-              "loss", "objective", "num_steps")
-             if getattr(args, name) is not None}
-    if unet:
-        model["unet"] = unet
+    """Model settings given as flags (None = not given), as nested JSON-like settings."""
+    model: dict = {}
+    for key, flag in MODEL_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"), None)
+        if value is None:
+            continue
+        if key in ("model.unet.channel_mult", "model.unet.attention_downsample"):
+            value = _int_tuple(value, flag, allow_empty=key.endswith("attention_downsample"))
+        *parents, name = key.split(".")[1:]
+        target = model
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[name] = value
     return model
 
 
@@ -122,6 +257,30 @@ def _merge_model(base: dict, overrides: dict) -> dict:
     return merged
 
 
+def _keys(section: str, values: dict) -> list:
+    """The dotted keys of nested settings: "model.unet.base_channels", ..."""
+    keys = []
+    for name, value in values.items():
+        key = f"{section}.{name}"
+        keys += _keys(key, value) if isinstance(value, dict) else [key]
+    return keys
+
+
+def config_sections(data, source: str) -> tuple[dict, dict]:
+    """The "model" and "training" sections of a config ({"model": {...}, "training": {...}})
+    read from `source` (a file, or a checkpoint's record of its config)."""
+    if not isinstance(data, dict) or set(data) - {"model", "training"}:
+        raise ValueError(f"{source} must be a JSON object with the sections \"model\" "
+                         "(ModelConfig fields) and \"training\" (training settings) only.")
+    model, training = data.get("model", {}), data.get("training", {})
+    for name, section in (("model", model), ("training", training),
+                          ("model.unet", model.get("unet", {}) if isinstance(model, dict) else {})):
+        if not isinstance(section, dict):
+            raise ValueError(f'"{name}" in {source} must be an object of settings; got '
+                             f"{section!r}.")
+    return model, training
+
+
 def read_config_file(path) -> tuple[dict, dict]:
     """A JSON config {"model": {ModelConfig fields}, "training": {TrainSettings fields}}."""
     path = Path(path)
@@ -129,31 +288,31 @@ def read_config_file(path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"No config file at {path}.")
     try:
         data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8 or not JSON
         raise ValueError(f"{path} is not valid JSON ({exc}).") from None
-    if not isinstance(data, dict) or set(data) - {"model", "training"}:
-        raise ValueError(f"{path} must be a JSON object with the sections \"model\" (ModelConfig "
-                         "fields) and \"training\" (training settings) only.")
-    model, training = data.get("model", {}), data.get("training", {})
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    unknown = sorted(set(training) - known)
-    if unknown:
-        raise ValueError(f"{path} has unknown training settings {unknown}; known: "
-                         f"{sorted(known)}.")
-    return model, training
+    return config_sections(data, str(path))
+
+
+def _requested(args) -> tuple[dict, dict, Callable[[str], str]]:
+    """The model and training settings the command line asks for (--config < flags) and
+    `where`, which names each by its flag or its key in the config file."""
+    model_dict, training, origins = {}, {}, {}
+    if args.config:
+        model_dict, training = read_config_file(args.config)
+        origins = {key: _in_file(args.config)(key)
+                   for key in _keys("model", model_dict) + _keys("training", training)}
+    flag_model, flag_training = _model_overrides(args), _training_overrides(args)
+    for key in _keys("model", flag_model) + _keys("training", flag_training):
+        origins.pop(key, None)
+    return (_merge_model(model_dict, flag_model), {**training, **flag_training},
+            lambda key: origins.get(key) or describe_setting(key))
 
 
 def resolve_config(args) -> tuple:
-    """(ModelConfig, TrainSettings) from defaults < config file < flags."""
-    model_dict, training = ({}, {}) if not args.config else read_config_file(args.config)
-    model_dict = _merge_model(model_dict, _model_overrides(args))
-    training = {**training, **_training_overrides(args)}
-    model_config = ModelConfig.from_dict(model_dict)
-    settings = TrainSettings(**training)
-    if "crop" not in training:  # default: the model's own training crop
-        settings.crop = model_config.train_crop
-    model_config = dataclasses.replace(model_config, train_crop=settings.crop)
-    return model_config, settings.validate()
+    """(ModelConfig, TrainSettings) from defaults < config file < flags; a wrong setting is
+    refused naming its flag or its key in the config file."""
+    model_dict, training, where = _requested(args)
+    return _build(model_dict, training, where, default_crop=True)
 
 
 def _training_overrides(args) -> dict:
@@ -170,31 +329,95 @@ def _training_overrides(args) -> dict:
     return values
 
 
+def _plain(value):
+    """Settings as JSON has them (tuples as lists), for comparing."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _show(value) -> str:
+    return json.dumps(_plain(value)) if isinstance(value, (list, tuple, dict, str)) \
+        else str(value)
+
+
+def differences(before: dict, after: dict, section: str) -> list:
+    """(dotted key, before, after) of each setting that differs, nested settings followed."""
+    found = []
+    for name in sorted(set(before) | set(after)):
+        a, b, key = before.get(name), after.get(name), f"{section}.{name}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            found += differences(a, b, key)
+        elif _plain(a) != _plain(b):
+            found.append((key, a, b))
+    return found
+
+
+def _listing(found: list, before: str, after: str) -> str:
+    return "; ".join(f"{key} ({before} {_show(a)}, {after} {_show(b)})" for key, a, b in found)
+
+
 def resume_config(args, out: Path) -> tuple:
-    """The run's saved config, with only the settings that may change on resume replaced."""
-    saved_model, saved_training = read_config_file(out / CONFIG_FILE)
-    model_config = ModelConfig.from_dict(saved_model)
-    settings = TrainSettings(**saved_training)
+    """The run's saved config, with only the settings that may change on resume replaced.
+    Without RUNDIR/config.json (deleted), the copy recorded in the checkpoint is used."""
+    from .checkpoint import read_training_state
+    from .rundir import check_run_folder
+
+    out = Path(out)
+    check_run_folder(out, resume=True)
+    config_path = out / CONFIG_FILE
+    saved_path = config_path if config_path.is_file() else out / CHECKPOINT_FILE
+    if saved_path == config_path:
+        saved_model, saved_training = read_config_file(config_path)
+    else:
+        saved_model, saved_training = config_sections(read_training_state(saved_path)["config"],
+                                                      f"the config in {saved_path}")
+    saved_where = _in_file(saved_path)
+    model_config, settings = _build(saved_model, saved_training, saved_where)
     # The same flags (and --config) as the first launch may be given again; changes may not.
-    requested_model, requested = _model_overrides(args), _training_overrides(args)
-    if args.config:
-        file_model, file_training = read_config_file(args.config)
-        requested_model = _merge_model(file_model, requested_model)
-        requested = {**file_training, **requested}
-    same_model = ModelConfig.from_dict(
-        _merge_model(model_config.to_dict(), requested_model)) == model_config
-    changed_model = [] if same_model else ["model settings"]
-    fixed = {k: v for k, v in requested.items() if k not in RESUMABLE_OVERRIDES
-             and v != getattr(settings, k)}
-    if changed_model or fixed:
-        raise ValueError(f"A resumed run keeps its model and data settings; "
-                         f"{sorted(list(changed_model) + list(fixed))} cannot change with "
-                         f"--resume (only {', '.join(RESUMABLE_OVERRIDES)} can). Start a new "
-                         "run in another --out folder instead.")
+    requested_model, requested, requested_where = _requested(args)
+    check_training_fields(requested, requested_where)
+    saved = model_config.to_dict()
+    # compared as built (derived fields filled in); train_crop follows training.crop
+    asked = dataclasses.replace(model_config_from(_merge_model(saved, requested_model),
+                                                  requested_where),
+                                train_crop=model_config.train_crop).to_dict()
+    changed = differences(saved, asked, "model") + [
+        (f"training.{k}", getattr(settings, k), v) for k, v in requested.items()
+        if k not in RESUMABLE_OVERRIDES and _plain(v) != _plain(getattr(settings, k))]
+    if changed:
+        raise ValueError(f"A resumed run keeps its model and data settings, but "
+                         f"{_listing(changed, 'run:', 'asked:')} differ from {saved_path}; "
+                         f"only {', '.join(RESUMABLE_OVERRIDES)} can change with --resume. "
+                         "Drop those settings, or start a new run in another --out folder.")
     for key in RESUMABLE_OVERRIDES:
         if key in requested:
             setattr(settings, key, requested[key])
-    return model_config, settings.validate()
+    return model_config, settings.validate(
+        lambda key: (requested_where if key.removeprefix("training.") in requested
+                     else saved_where)(key))
+
+
+def check_resumed_config(config: dict, saved: dict, checkpoint_path, config_path) -> None:
+    """Refuse to resume with settings other than those the checkpoint `saved` was trained with
+    (config.json edited since, say), except the RESUMABLE_OVERRIDES; names each difference."""
+    saved_model, saved_training = config_sections(saved, f"the config in {checkpoint_path}")
+    # A setting added to the program since the checkpoint was written has its default.
+    defaults = config_dict(ModelConfig(), TrainSettings())
+    changed = differences(_merge_model(defaults["model"], saved_model), config["model"],
+                          "model") + [
+        found for found in differences({**defaults["training"], **saved_training},
+                                       config["training"], "training")
+        if found[0].removeprefix("training.") not in RESUMABLE_OVERRIDES]
+    if changed:
+        raise ValueError(f"The settings of this run differ from those its checkpoint "
+                         f"{checkpoint_path} was trained with: "
+                         f"{_listing(changed, 'checkpoint:', 'now:')}. Only "
+                         f"{', '.join(RESUMABLE_OVERRIDES)} can change when a run is resumed; "
+                         f"undo the change (in {config_path} or the flags), or start a new "
+                         "run in another --out folder.")
 
 
 def config_dict(model_config, settings: TrainSettings) -> dict:
