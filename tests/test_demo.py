@@ -8,12 +8,12 @@ import tifffile
 
 from napari_vstain.cli import main
 from napari_vstain.data.io import read_provenance
-from napari_vstain.demo import output_folder
+from napari_vstain import demo
+from napari_vstain.demo import OUTPUT_FILES, output_folder
 from napari_vstain.engine.checkpoint import load_model
 from napari_vstain.engine.tiling import default_tile
 
-FILES = ("stained.ome.tif", "stained.png", "cv.ome.tif", "cv.png", "target.png", "af.ome.tif",
-         "figure.png", "metrics.json")
+FILES = OUTPUT_FILES
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +82,21 @@ def test_demo_refuses_training_seeds_and_missing_checkpoints(tmp_path, tiny_chec
                  str(tmp_path / "b")]) == 2
     assert "No napari-vstain checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_demo_folder_is_one_result(tmp_path, tiny_checkpoint, capsys, monkeypatch):
+    """A failure while writing (here the figure) with --overwrite leaves the previous demo
+    folder exactly as it was: no file of the new run, no temporaries."""
+    out = tmp_path / "demo"
+    assert main(demo_args(tiny_checkpoint, "--out", str(out))) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(demo, "_write_figure", disk_full)
+    assert main(demo_args(tiny_checkpoint, "--out", str(out), "--overwrite", "--samples",
+                          "3")) == 2
+    err = capsys.readouterr().err
+    assert "No space left" in err or "no space left" in err.lower()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -16,6 +16,7 @@ demo folder) is one transaction (`result_transaction`):
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import secrets
@@ -26,6 +27,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 from .errors import OutputError
+
+# The transaction open in this thread, if any: `atomic_write` of one of its outputs joins it,
+# so writers of single files (write_ome_tiff, write_png, ...) compose into one result.
+_OPEN = contextvars.ContextVar("napari_vstain_transaction", default=None)
 
 TEMP_SUFFIX = ".vstain-partial"
 LOCK_SUFFIX = ".vstain-lock"
@@ -210,7 +215,11 @@ def result_transaction(outputs: Iterable, inputs: Iterable = (), overwrite: bool
                 if output.exists():
                     raise FileExistsError(f"{output} already exists; choose another name or "
                                           "allow overwriting (--overwrite).")
-        yield tx
+        opened = _OPEN.set(tx)
+        try:
+            yield tx
+        finally:
+            _OPEN.reset(opened)
         _commit(tx)
     finally:
         for temporary in tx.temporaries.values():
@@ -244,8 +253,13 @@ def _commit(tx: _Transaction) -> None:
 def atomic_write(path, write: Callable[[Path], object], overwrite: bool = False,
                  inputs: Iterable = ()) -> Path:
     """One file as a result: call write(temporary_path), then put it in place. Never a
-    half-written file; an existing file is replaced only with `overwrite`."""
+    half-written file; an existing file is replaced only with `overwrite`. Inside an open
+    `result_transaction` that has `path` among its outputs, the file joins that result."""
     path = Path(path)
+    open_transaction = _OPEN.get()
+    if open_transaction is not None and Path(os.path.abspath(path)) in open_transaction.outputs:
+        write(open_transaction.temporary(path))  # put in place with the rest of the result
+        return path
     with result_transaction([path], inputs, overwrite) as tx:
         write(tx.temporary(path))
     return path

@@ -28,6 +28,8 @@ import numpy as np
 
 DEFAULT_OUT = "vstain-demo"
 DEFAULT_SIZE = 256
+OUTPUT_FILES = ("stained.ome.tif", "stained.png", "cv.ome.tif", "cv.png", "target.png",
+                "af.ome.tif", "figure.png", "metrics.json")
 
 
 def configure_cli(parser: argparse.ArgumentParser) -> None:
@@ -160,13 +162,21 @@ def _fmt(value) -> str:
 
 def _write_outputs(out: Path, pair, af, result, target, metrics: dict, config,
                    overwrite: bool) -> None:
-    from .data.io import write_ome_tiff
+    from .atomic import result_transaction
+
+    # The demo folder is one result: all eight files appear together, or none changes.
+    with result_transaction([out / name for name in OUTPUT_FILES], overwrite=overwrite):
+        _write_files(out, pair, af, result, target, metrics, config, overwrite)
+
+
+def _write_files(out: Path, pair, af, result, target, metrics: dict, config,
+                 overwrite: bool) -> None:
     from .atomic import atomic_write
+    from .data.io import write_ome_tiff
     from .engine.model import af_statistics, normalise_af
     from .evaluation.report import _json_ready as json_ready
     from .training.reports import af_preview
 
-    out.mkdir(parents=True, exist_ok=True)
     he_pixel = tuple(pair.metadata["pixel_size_he"])
     af_pixel = tuple(pair.metadata["pixel_size_af"])
     record = metrics["provenance"]

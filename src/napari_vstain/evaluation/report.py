@@ -197,26 +197,22 @@ def _json_ready(value):
 def write_results(results: dict, out, context: Optional[dict] = None,
                   overwrite: bool = False) -> tuple[Path, Path]:
     """Write OUT/results.json, OUT/results.md and (when the results hold example images)
-    OUT/comparison.png atomically; returns the JSON and Markdown paths."""
-    from ..atomic import atomic_write
+    OUT/comparison.png as one result (all or none); returns the JSON and Markdown paths."""
+    from ..atomic import result_transaction
 
     out = Path(out)
     json_path, md_path = out / RESULTS_JSON, out / RESULTS_MD
     examples = results.get(EXAMPLES_KEY) or []
     results = {k: v for k, v in results.items() if k != EXAMPLES_KEY}
-    if not overwrite:
-        for path in (json_path, md_path) + ((out / FIGURE_FILE,) if examples else ()):
-            if path.exists():
-                raise FileExistsError(f"{path} already exists; choose another --out or pass "
-                                      "--overwrite.")
+    files = (json_path, md_path) + ((out / FIGURE_FILE,) if examples else ())
     payload = _json_ready({**results, "context": context or {}})
     text = json.dumps(payload, indent=2, allow_nan=False)
-    atomic_write(json_path, lambda tmp: tmp.write_text(text), overwrite)
     report = markdown_report(results, context, figure=FIGURE_FILE if examples else None)
-    atomic_write(md_path, lambda tmp: tmp.write_text(report), overwrite)
-    if examples:
-        atomic_write(out / FIGURE_FILE, lambda tmp: comparison_figure(examples, tmp),
-                     overwrite)
+    with result_transaction(files, overwrite=overwrite) as tx:
+        tx.temporary(json_path).write_text(text)
+        tx.temporary(md_path).write_text(report)
+        if examples:
+            comparison_figure(examples, tx.temporary(out / FIGURE_FILE))
     return json_path, md_path
 
 
