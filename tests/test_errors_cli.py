@@ -208,7 +208,7 @@ def test_debug_shows_the_traceback_before_or_after_the_command(tmp_path, capsys,
     # user errors keep their status and sentence under --debug
     monkeypatch.undo()
     status, err = vstain(capsys, "--debug", "simulate", "--out", tmp_path, "--count", "0")
-    assert status == 2 and "vstain simulate: error: --count must be at least 1" in err
+    assert status == 2 and "vstain simulate: error: --count must be from 1 to 100,000" in err
 
 
 def test_interrupt_keeps_status_130(tmp_path, capsys, monkeypatch):

@@ -152,10 +152,10 @@ def test_staining_layers_values_and_alignment(make_napari_viewer, qtbot, tiny_ch
     stained, cv, samples = (viewer.layers[f"af {kind}"] for kind in ("stained", "CV", "samples"))
     assert stained.rgb and stained.data.shape == (64, 64, 3) and stained.data.dtype == np.uint8
     assert cv.data.shape == (64, 64) and np.isfinite(cv.data).all() and (cv.data >= 0).all()
-    assert cv.data.max() > 0 and cv.colorbar.visible
-    assert samples.data.shape == (3, 64, 64, 3)
+    assert cv.data.max() > 0 and not cv.visible and not cv.colorbar.visible  # the stain shows
+    assert samples.data.shape == (3, 1, 64, 64, 3)  # its own sample axis, left of the channel
     # the shown image is the mean of the cached samples (up to rounding to uint8)
-    mean = samples.data.astype(np.float64).mean(axis=0)
+    mean = samples.data[:, 0].astype(np.float64).mean(axis=0)
     assert np.abs(mean - stained.data).max() <= 1.0
     # the engine's own result for the same input and settings: the widget adds nothing
     model = widget.model
@@ -176,7 +176,7 @@ def test_staining_layers_values_and_alignment(make_napari_viewer, qtbot, tiny_ch
     # re-averaging uses the cache: no new network call, same layer objects updated in place
     layer_count, calls = len(viewer.layers), len(ticks)
     widget._averaged.value = 1
-    np.testing.assert_array_equal(stained.data, samples.data[0])
+    np.testing.assert_array_equal(stained.data, samples.data[0, 0])
     assert np.all(cv.data == 0)
     assert stained.metadata[PROVENANCE]["averaged_samples"] == 1
     widget._averaged.value = 3

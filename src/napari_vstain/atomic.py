@@ -165,6 +165,27 @@ def _clear_stale(output: Path, say) -> None:
         say(f"Removed {len(stale)} temporary file(s) of killed runs beside {output}.")
 
 
+def check_places(outputs: Iterable) -> None:
+    """Refuse, before any work, outputs that cannot be written where they are asked for: a
+    folder given as a file name, a path through a file, a folder that cannot be written."""
+    for output in outputs:
+        output = Path(os.path.abspath(output))
+        if output.is_dir():
+            raise OutputError(f"{output} is a folder; give a file name for the output.")
+        existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise OutputError(f"{output} cannot be written: {existing} is a file, not a "
+                              "folder; choose another place for the output.")
+        probe = existing / f".vstain-probe.{_owner()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+        try:  # the folder may look writable and not be (read-only mounts, /proc, ...)
+            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            os.unlink(probe)
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise OutputError(f"Cannot write {output}: files cannot be created in {existing} "
+                              f"({reason}); choose another place for the output.") from None
+
+
 def recover_killed_runs(outputs: Iterable, say: Optional[Callable[[str], None]] = None
                         ) -> None:
     """Before looking at existing outputs: complete the commit of a run that was killed
@@ -191,9 +212,7 @@ def result_transaction(outputs: Iterable, inputs: Iterable = (), overwrite: bool
         raise OutputError(f"Two outputs of this run are the same file: "
                           f"{', '.join(map(str, outputs))}; give each its own name.")
     refuse_inputs(outputs, inputs)
-    for output in outputs:
-        if output.is_dir():
-            raise OutputError(f"{output} is a folder; give a file name for the output.")
+    check_places(outputs)
     for output in outputs:
         output.parent.mkdir(parents=True, exist_ok=True)
     tx = _Transaction(outputs, say)
@@ -207,6 +226,10 @@ def result_transaction(outputs: Iterable, inputs: Iterable = (), overwrite: bool
             except FileExistsError:
                 raise OutputError(f"Another vstain run is writing {output}; wait for it to "
                                   "finish or choose another name.") from None
+            except OSError as exc:  # a read-only or special folder (/proc, a full disk...)
+                raise OutputError(f"Cannot create files in {output.parent} "
+                                  f"({os.strerror(exc.errno) if exc.errno else exc}); choose "
+                                  "another folder for the output.") from exc
             with os.fdopen(fd, "w") as handle:
                 handle.write(json.dumps({"owner": tx.owner}))
             locks.append(lock)

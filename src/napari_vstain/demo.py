@@ -28,6 +28,7 @@ import numpy as np
 
 DEFAULT_OUT = "vstain-demo"
 DEFAULT_SIZE = 256
+MIN_SIZE, MAX_SIZE = 64, 4096
 OUTPUT_FILES = ("stained.ome.tif", "stained.png", "cv.ome.tif", "cv.png", "target.png",
                 "af.ome.tif", "figure.png", "metrics.json")
 
@@ -85,6 +86,9 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     from .settings import StainSettings
     from .training.settings import DEMO_SEED, TRAIN_SEED_START
 
+    from .atomic import check_places
+
+    check_places([Path(out) / OUTPUT_FILES[0]])  # a path through a file, a read-only folder
     seed = DEMO_SEED if seed is None else int(seed)
     if not 0 <= seed < TRAIN_SEED_START:
         raise ValueError(f"--seed must be between 0 and {TRAIN_SEED_START - 1}: the demo "
@@ -97,9 +101,10 @@ def run_demo(out: Path, checkpoint=None, seed: Optional[int] = None,
     k = model.config.factor
     settings = StainSettings(steps=steps, **({} if samples is None else {"samples": samples})
                              ).validate(model.config.num_steps)
-    if size < 4 * k or size % k:
-        raise ValueError(f"--size must be a multiple of the model's factor {k} and at least "
-                         f"{4 * k} px; got {size}.")
+    if not MIN_SIZE <= size <= MAX_SIZE or size % k:
+        raise ValueError(f"--size must be a multiple of the model's factor {k} from {MIN_SIZE} "
+                         f"to {MAX_SIZE} px (the scores need at least {MIN_SIZE} px after "
+                         f"registration trims the border); got {size}.")
 
     say = print if progress else (lambda *_args: None)
     say(f"Simulating held-out lung tissue (seed {seed}, {size} px H&E, {size // k} px AF)...")

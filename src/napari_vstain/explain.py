@@ -109,6 +109,13 @@ def record_problem(exc: BaseException) -> str:
     return "an entry has a value that cannot be used"
 
 
+def read_problem(exc: Exception) -> str:
+    """What is wrong with a file that could not be read or parsed, in words (no parser
+    text): the OSError's sentence, or `record_problem`."""
+    return os_error_sentence(exc).rstrip(".") if isinstance(exc, OSError) \
+        else record_problem(exc)
+
+
 # ---- operating-system errors -----------------------------------------------------------------
 
 def os_error_sentence(exc: OSError) -> str:

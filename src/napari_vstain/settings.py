@@ -28,16 +28,17 @@ class Setting:
     maximum: object  # a number, ALL_STEPS (the model's T) or None (no limit)
     help: str
 
-    def check(self, value, num_steps: Optional[int]) -> None:
+    def check(self, value, num_steps: Optional[int], option: Optional[str] = None) -> None:
         """Refuse a value out of range with a sentence that names the option and the range.
-        num_steps None: the model's T is not known yet (only the lower bound is checked)."""
+        num_steps None: the model's T is not known yet (only the lower bound is checked).
+        `option`: the command's own name for this setting, when it differs."""
         top = num_steps if self.maximum == ALL_STEPS else self.maximum
         if value is None or value != value or value < self.minimum or (
                 top is not None and value > top):
-            allowed = (f"from {self.minimum:g} to {top:g}" if top is not None
-                       else f"at least {self.minimum:g}")
+            allowed = (f"from {self.minimum:,g} to {top:,g}" if top is not None
+                       else f"at least {self.minimum:,g}")
             limit = " (the model's T)" if self.maximum == ALL_STEPS else ""
-            raise ValueError(f"{self.label} ({self.option}) must be {allowed}{limit}; "
+            raise ValueError(f"{self.label} ({option or self.option}) must be {allowed}{limit}; "
                              f"got {value}.")
 
 
@@ -49,9 +50,9 @@ SETTINGS = {
                       "sampling returns its estimate there"),
     "eta": Setting("--eta", "eta", 0.0, 0.0, 1.0,
                    "noise of the fast sampler: 0 deterministic, 1 the full bridge posterior"),
-    "samples": Setting("--samples", "Samples N", 4, 1, None,
+    "samples": Setting("--samples", "Samples N", 4, 1, 1000,
                        "samples averaged into the output and used for the CV map"),
-    "seed": Setting("--seed", "Seed", 0, 0, 2**31 - 1,
+    "seed": Setting("--seed", "Seed", 0, 0, 2_147_483_647,
                     "random seed: same seed, same image, whatever the tiles or batches"),
 }
 

@@ -7,9 +7,18 @@ napari-vstain marks its layers with a few metadata keys:
 - PIXEL_SIZE: (y, x) micrometres of the layer's pixels, or None when unknown;
 - PROVENANCE: what made the image (engine.inference.provenance), written into exported files;
 - CHANNEL_NAMES: the AF channel names of an (C, Y, X) layer;
-- LINKS: names of the related layers (the stained layer's input, CV and samples layers).
+- LAYER_ID: an id (uuid4 hex) given to every layer the plugin reads, adds or uses; it stays
+  when the user renames the layer, so links survive renaming (`layer_id`, `find_layer`);
+- LINKS: ids of the related layers: on a stained / CV / samples layer {"input": [AF layer
+  ids], "stained": id, "cv": id, "samples": id or None, "factor": k}; on a registered ground
+  truth or a pigment outline {"stained": id, ...}. Links hold ids, never names.
+  (The sample data also links its H&E to the AF stack it was made with: {"af": [AF layer
+  id]} on the H&E, so that it is offered as the ground truth of that AF's stained layers.)
 
 Positions follow napari's convention: pixel i of a layer is centred at translate + i * scale.
+Scales are micrometres when the pixel size is known, and the layers say so (napari
+Layer.units "µm" on the image axes, so that the scale bar reads µm); an AF stack's first
+axis is labelled "channel".
 """
 
 from __future__ import annotations
@@ -23,7 +32,28 @@ PIXEL_SIZE = "pixel_size_um"
 PROVENANCE = "provenance"
 CHANNEL_NAMES = "channel_names"
 LINKS = "vstain_links"
+LAYER_ID = "vstain_id"
 SOURCE = "source"
+MICROMETRE = "µm"
+AF_AXIS_LABELS = ("channel", "y", "x")
+IMAGE_AXIS_LABELS = ("y", "x")
+
+
+def layer_id(layer) -> str:
+    """The layer's plugin id, given now if it has none (it survives renaming)."""
+    import uuid
+
+    if not layer.metadata.get(LAYER_ID):
+        layer.metadata[LAYER_ID] = uuid.uuid4().hex
+    return layer.metadata[LAYER_ID]
+
+
+def find_layer(layers, wanted_id: Optional[str]):
+    """The layer of `layers` whose plugin id is `wanted_id`, or None."""
+    if not wanted_id:
+        return None
+    return next((layer for layer in layers if layer.metadata.get(LAYER_ID) == wanted_id),
+                None)
 
 
 def upsampled_placement(scale: Sequence[float], translate: Sequence[float], factor: int):
@@ -43,6 +73,39 @@ def yx_scale(layer) -> tuple:
 
 def yx_translate(layer) -> tuple:
     return tuple(float(v) for v in layer.translate[-2:])
+
+
+def yx_units(layer) -> tuple:
+    """The units (names, e.g. "micrometer" or "pixel") of a layer's two image axes."""
+    return tuple(str(unit) for unit in layer.units[-2:])
+
+
+def image_units(pixel_size_um: Optional[Sequence[float]], leading: int = 0) -> Optional[tuple]:
+    """napari `units` of a layer whose last two axes have pixels of `pixel_size_um` (None:
+    napari's default, pixels) and `leading` axes before them that are not lengths (the AF
+    channel axis; napari calls their unit "pixel", as for any unit-less axis)."""
+    if pixel_size_um is None:
+        return None
+    return ("pixel",) * leading + (MICROMETRE, MICROMETRE)
+
+
+def grid_placement(layer) -> dict:
+    """Keyword arguments that put a new 2-D layer on the pixel grid of `layer`'s image axes:
+    scale, translate and units (so the scale bar keeps its µm)."""
+    return {"scale": yx_scale(layer), "translate": yx_translate(layer),
+            "units": yx_units(layer)}
+
+
+def first_pixel_corner(scale: Sequence[float], translate: Sequence[float]) -> tuple:
+    """(y, x) of the outer corner of pixel (0, 0) of a layer placed at (scale, translate): the
+    "position" written into exported files (OME Plane PositionY / PositionX)."""
+    return tuple(float(t) - float(s) / 2.0 for s, t in zip(scale[-2:], translate[-2:]))
+
+
+def translate_from_corner(corner: Sequence[float], scale: Sequence[float]) -> tuple:
+    """The napari translate (centre of pixel (0, 0)) of an image whose outer corner lies at
+    `corner` (y, x), with pixels of `scale` (y, x); the inverse of first_pixel_corner."""
+    return tuple(float(c) + float(s) / 2.0 for c, s in zip(corner, scale))
 
 
 def pixel_size(layer) -> Optional[tuple]:
@@ -73,43 +136,60 @@ def layer_array(layer) -> np.ndarray:
 
 def af_layer_data(af: np.ndarray, name: str, channel_names: Sequence[str],
                   pixel_size_um: Optional[Sequence[float]], source: str = "",
-                  extra_metadata: Optional[dict] = None) -> tuple:
+                  extra_metadata: Optional[dict] = None, translate=None) -> tuple:
     """A napari LayerData tuple for an AF stack (C, Y, X): one layer whose first axis is the
-    channel (scale 1), the image axes scaled by the pixel size (1 when unknown)."""
+    channel (scale 1, labelled "channel"), the image axes scaled by the pixel size (1 when
+    unknown) in µm. `translate` (y, x) places its first pixel centre."""
     size = (1.0, 1.0) if pixel_size_um is None else tuple(float(v) for v in pixel_size_um)
     metadata = {ROLE: "af", CHANNEL_NAMES: [str(n) for n in channel_names],
                 PIXEL_SIZE: None if pixel_size_um is None else size, SOURCE: source}
     metadata.update(extra_metadata or {})
     kwargs = {"name": name, "scale": (1.0, *size), "colormap": "gray",
-              "metadata": metadata}
+              "axis_labels": AF_AXIS_LABELS, "metadata": metadata}
+    units = image_units(pixel_size_um, leading=1)
+    if units is not None:
+        kwargs["units"] = units
+    if translate is not None:
+        kwargs["translate"] = (0.0, *(float(v) for v in translate))
     return (af, kwargs, "image")
 
 
 def rgb_layer_data(rgb: np.ndarray, name: str, pixel_size_um: Optional[Sequence[float]],
                    translate=(0.0, 0.0), layer_role: str = "brightfield", source: str = "",
                    extra_metadata: Optional[dict] = None) -> tuple:
-    """A napari LayerData tuple for a (Y, X, 3) uint8 RGB image."""
+    """A napari LayerData tuple for a (Y, X, 3) uint8 RGB image, scaled in µm when the pixel
+    size is known."""
     size = (1.0, 1.0) if pixel_size_um is None else tuple(float(v) for v in pixel_size_um)
     metadata = {ROLE: layer_role, PIXEL_SIZE: None if pixel_size_um is None else size,
                 SOURCE: source}
     metadata.update(extra_metadata or {})
     kwargs = {"name": name, "rgb": True, "scale": size,
-              "translate": tuple(float(v) for v in translate), "metadata": metadata}
+              "translate": tuple(float(v) for v in translate),
+              "axis_labels": IMAGE_AXIS_LABELS, "metadata": metadata}
+    units = image_units(pixel_size_um)
+    if units is not None:
+        kwargs["units"] = units
     return (rgb, kwargs, "image")
 
 
-def data_box(layer, world_corners: np.ndarray) -> tuple:
-    """Pixel box (y0, x0, y1, x1) of `layer` (end exclusive, clipped to the image) covering
-    the world-coordinate points `world_corners` (n, >= 2) given in the layer's world axes."""
+def data_box(layer, world_corners: np.ndarray, clip: bool = True) -> tuple:
+    """Pixel box (y0, x0, y1, x1) of `layer` (end exclusive, clipped to the image unless not
+    `clip`) covering the world-coordinate points `world_corners` (n, >= 2) given in the
+    layer's world axes."""
     points = np.array([layer.world_to_data(point) for point in world_corners], dtype=float)
     points = points[:, -2:]  # the image axes (an RGB layer's data coordinates are (y, x))
-    height, width = layer_array_shape(layer)
     # data coordinate i is the centre of pixel i: take the pixels whose centres lie inside
-    y0 = int(np.clip(np.ceil(points[:, 0].min()), 0, height))
-    y1 = int(np.clip(np.floor(points[:, 0].max()) + 1, 0, height))
-    x0 = int(np.clip(np.ceil(points[:, 1].min()), 0, width))
-    x1 = int(np.clip(np.floor(points[:, 1].max()) + 1, 0, width))
-    return y0, x0, y1, x1
+    box = (int(np.ceil(points[:, 0].min())), int(np.ceil(points[:, 1].min())),
+           int(np.floor(points[:, 0].max()) + 1), int(np.floor(points[:, 1].max()) + 1))
+    return clipped_box(box, layer_array_shape(layer)) if clip else box
+
+
+def clipped_box(box: Sequence[int], shape: Sequence[int]) -> tuple:
+    """A pixel box (y0, x0, y1, x1) cut to an image of (height, width)."""
+    y0, x0, y1, x1 = box
+    height, width = shape
+    return (int(np.clip(y0, 0, height)), int(np.clip(x0, 0, width)),
+            int(np.clip(y1, 0, height)), int(np.clip(x1, 0, width)))
 
 
 def layer_array_shape(layer) -> tuple:
@@ -149,17 +229,41 @@ def rectangle_world_boxes(shapes_layer) -> list:
 
 
 # ---- widget choice lists (shared by the dock widgets) ---------------------------------------
+# Drop-downs show layer names and hold layer ids: (name, id) pairs, looked up with find_layer,
+# so a renamed layer stays chosen and links never go through names.
 
-def stained_layer_names(viewer) -> list:
-    """Names of the layers the staining widget made (its RGB outputs)."""
-    return [layer.name for layer in viewer.layers if layer.metadata.get(ROLE) == "stained"]
+def id_choices(layers) -> list:
+    """(name, id) drop-down choices of `layers`."""
+    return [(layer.name, layer_id(layer)) for layer in layers]
 
 
-def shapes_layer_names(viewer) -> list:
-    return [layer.name for layer in viewer.layers if layer.__class__.__name__ == "Shapes"]
+def stained_layer_choices(viewer) -> list:
+    """(name, id) of the layers the staining widget made (its RGB outputs)."""
+    return id_choices(layer for layer in viewer.layers if layer.metadata.get(ROLE) == "stained")
+
+
+def shapes_layer_choices(viewer) -> list:
+    return id_choices(layer for layer in viewer.layers if layer.__class__.__name__ == "Shapes")
+
+
+def links(layer) -> dict:
+    return layer.metadata.get(LINKS) or {}
+
+
+def linked_layer(layers, layer, key: str):
+    """The layer that `layer`'s LINKS[key] id names, or None."""
+    return find_layer(layers, links(layer).get(key))
+
+
+def input_layers(layers, stained) -> list:
+    """The AF input layers of a stained / CV / samples layer (those still in `layers`), in
+    the order they were stacked."""
+    found = [find_layer(layers, wanted) for wanted in links(stained).get("input") or []]
+    return [layer for layer in found if layer is not None]
 
 
 def refresh_choices_on_layer_change(viewer, container) -> None:
-    """Keep a widget's layer drop-downs current as layers are added or removed."""
-    for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
+    """Keep a widget's layer drop-downs current as layers are added, removed or renamed."""
+    for event in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                  viewer.layers.events.renamed):
         event.connect(lambda _: container.reset_choices())

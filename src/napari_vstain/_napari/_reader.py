@@ -2,8 +2,11 @@
 
 `get_reader` only looks at the file name and the TIFF header; it returns None (so that
 napari tries other readers) for anything it does not take and never raises. The returned
-function reads with data.io, so pixel sizes become layer scales, channel names go into the
-layer metadata and a provenance record written by napari-vstain is kept.
+function reads with data.io, so pixel sizes become layer scales (in µm, with napari units,
+so the scale bar reads µm), channel names go into the layer metadata (the AF stack is one
+(C, Y, X) layer whose first axis is labelled "channel"), a position written by napari-vstain
+(an exported region: OME Plane PositionY / PositionX) places the layer back where it was cut
+and a provenance record written by napari-vstain is kept.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
-from ._layers import PROVENANCE, af_layer_data, rgb_layer_data
+from ._layers import PROVENANCE, af_layer_data, rgb_layer_data, translate_from_corner
 
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -71,6 +74,22 @@ def _provenance(path: str) -> dict:
         return {}
 
 
+def _translate(path: str, pixel_size) -> Optional[tuple]:
+    """The layer translate (y, x) from the position stored in the file, when it is in the
+    units of the layer's scale (µm with a pixel size, pixels without); else None."""
+    from ..data.io import read_position
+
+    if not path.lower().endswith(_TIFF_SUFFIXES):
+        return None
+    try:
+        position = read_position(path)
+    except ValueError:  # damaged OME metadata: the image still opens, at the origin
+        return None
+    if position is None or (position[2] == "µm") != (pixel_size is not None):
+        return None
+    return translate_from_corner(position[:2], pixel_size or (1.0, 1.0))
+
+
 def _layer_name(path: Path, suffix: str) -> str:
     stem = path.name
     for ending in (".ome.tiff", ".ome.tif", ".tiff", ".tif", ".png", ".jpeg", ".jpg"):
@@ -88,7 +107,8 @@ def read_af_layers(path) -> list:
     image = read_af(path)
     extra = {PROVENANCE: _provenance(str(path))}
     return [af_layer_data(image.data, _layer_name(path, "AF"), image.channel_names,
-                          image.pixel_size, source=image.source, extra_metadata=extra)]
+                          image.pixel_size, source=image.source, extra_metadata=extra,
+                          translate=_translate(str(path), image.pixel_size))]
 
 
 def read_rgb_layers(path) -> list:
@@ -98,5 +118,6 @@ def read_rgb_layers(path) -> list:
     path = Path(path[0] if isinstance(path, (list, tuple)) else path)
     image = read_rgb(path)
     extra = {PROVENANCE: _provenance(str(path))}
+    translate = _translate(str(path), image.pixel_size) or (0.0, 0.0)
     return [rgb_layer_data(image.data, _layer_name(path, ""), image.pixel_size,
-                           source=image.source, extra_metadata=extra)]
+                           translate=translate, source=image.source, extra_metadata=extra)]

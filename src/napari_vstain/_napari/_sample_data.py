@@ -4,12 +4,16 @@ Each sample gives the 4-channel AF stack (one (C, Y, X) layer, the staining widg
 and the matching H&E as ground truth, placed so that both cover the same area: the H&E pixel
 is `factor` times smaller and its first pixel centre sits where napari's upsampling rule puts
 the first output pixel (see _layers.upsampled_placement). The images are procedurally
-simulated (data.simulate), not real tissue; the layer metadata says so.
+simulated (data.simulate), not real tissue; the layer metadata says so. Both layers are
+scaled in µm (napari units, so the scale bar reads µm), and the H&E is linked to its AF stack
+by id (LINKS {"af": [AF id]}), so the docks offer it as the ground truth of that AF's stain.
 """
 
 from __future__ import annotations
 
-from ._layers import af_layer_data, rgb_layer_data, upsampled_placement
+import uuid
+
+from ._layers import LAYER_ID, LINKS, af_layer_data, rgb_layer_data, upsampled_placement
 
 SAMPLE_SIZE = 256  # H&E pixels per side; the AF stack is SAMPLE_SIZE / factor
 SAMPLE_FACTOR = 4
@@ -28,11 +32,13 @@ def simulated_sample_layers(tissue: str, size: int = SAMPLE_SIZE, factor: int = 
     simulation = {"simulated": True, "tissue": tissue, "seed": seed, "factor": factor,
                   "simulation": meta}
     source = f"simulated {tissue} (napari-vstain sample, seed {seed})"
+    af_id, he_id = uuid.uuid4().hex, uuid.uuid4().hex
     return [
         af_layer_data(pair.af, f"{tissue} AF (simulated)", meta["channel_names"], af_size,
-                      source=source, extra_metadata=simulation),
+                      source=source, extra_metadata=dict(simulation, **{LAYER_ID: af_id})),
         rgb_layer_data(pair.he, f"{tissue} H&E (simulated)", he_size, translate=he_translate,
-                       source=source, extra_metadata=simulation),
+                       source=source, extra_metadata=dict(simulation, **{
+                           LAYER_ID: he_id, LINKS: {"af": [af_id]}})),
     ]
 
 

@@ -1,5 +1,6 @@
-"""What the staining widget runs, without Qt: gather the AF input from layers, run the engine's
-tiled staining as a generator (one yield per network call) and turn the result into layers.
+"""What the staining widget runs, without Qt: gather the AF input from layers (whole, or the
+part in view), run the engine's tiled staining as a generator (one yield per network call),
+time one network call for the estimate shown before Run, and turn the result into layers.
 
 The engine reports progress through one callback type (napari_vstain.progress);
 `stain_steps` turns it into a generator of reports, so a napari thread_worker can drive it,
@@ -8,34 +9,56 @@ update a progress bar per network call and stop it at the next call on cancel.
 
 from __future__ import annotations
 
+import re
 import threading
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import numpy as np
 
-from ._layers import (CHANNEL_NAMES, LINKS, PIXEL_SIZE, PROVENANCE, ROLE, layer_array,
-                      pixel_size, upsampled_placement, yx_scale, yx_translate)
+from ._layers import (CHANNEL_NAMES, LAYER_ID, LINKS, PIXEL_SIZE, PROVENANCE, ROLE,
+                      layer_array, layer_id, pixel_size, upsampled_placement, yx_scale,
+                      yx_translate)
 
 # One staining at a time: a cancelled run finishes its current network call in the
-# background, and the next run waits for it instead of sharing the model with it.
+# background, and the next run (or timing) waits for it instead of sharing the model with it.
 _ENGINE_LOCK = threading.Lock()
+MICROMETRE = "µm"
+ROLES = ("stained", "cv", "samples")
 
 
 @dataclass
 class AFInput:
-    """The AF image gathered from one (C, Y, X) layer or several 2-D layers."""
+    """The AF image gathered from one (C, Y, X) layer or several 2-D layers; with `region`
+    set, only that part of it (the current view)."""
 
     data: np.ndarray  # (C, Y, X) float32
     layer_names: list
     channel_names: list
     scale: tuple  # (y, x) of the input layers
-    translate: tuple
+    translate: tuple  # (y, x) of data's first pixel (of the region, when there is one)
     pixel_size: Optional[tuple]  # micrometres, or None
+    layer_ids: list = field(default_factory=list)  # LAYER_ID of each input layer
+    units: Optional[tuple] = None  # the input layers' (y, x) units, as names
+    region: Optional[tuple] = None  # (y0, x0, y1, x1) of the input's pixels; None: all of it
+    whole: Optional[np.ndarray] = None  # with a region: the whole input (C, Y, X)
 
     @property
     def base_name(self) -> str:
         return self.layer_names[0]
+
+    @property
+    def key(self) -> tuple:
+        """Which cached result a run of this input replaces: one per input layers (by id)
+        and kind (the whole input, or a view of it)."""
+        return (tuple(self.layer_ids), "view" if self.region is not None else "whole")
+
+
+def _units_of(layer) -> Optional[tuple]:
+    units = getattr(layer, "units", None)
+    return None if units is None else tuple(str(u) for u in units[-2:])
 
 
 def af_from_layers(layers: Sequence, expected_channels: Optional[int]) -> AFInput:
@@ -79,7 +102,27 @@ def af_from_layers(layers: Sequence, expected_channels: Optional[int]) -> AFInpu
     first = layers[0]
     return AFInput(data=data, layer_names=[layer.name for layer in layers],
                    channel_names=names, scale=yx_scale(first), translate=yx_translate(first),
-                   pixel_size=pixel_size(first))
+                   pixel_size=pixel_size(first), layer_ids=[layer_id(lay) for lay in layers],
+                   units=_units_of(first))
+
+
+def crop_to_view(af: AFInput, box: tuple) -> AFInput:
+    """The part `box` = (y0, x0, y1, x1) (input pixels, end exclusive) of the AF input,
+    placed where it lies in the input; it keeps the whole input for the normalisation."""
+    from ..data.io import validate_af
+    from ..errors import InputError
+
+    y0, x0, y1, x1 = (int(v) for v in box)
+    if y1 <= y0 or x1 <= x0:
+        raise InputError(f"The current view shows no part of {af.base_name!r}; pan or zoom "
+                         "onto it first.")
+    name = f"The part of {af.base_name!r} in view"
+    data = validate_af(af.data[:, y0:y1, x0:x1], af.data.shape[0], name=name, axes="CYX")
+    translate = tuple(t + s * o for t, s, o in zip(af.translate, af.scale, (y0, x0)))
+    return AFInput(data=data, layer_names=af.layer_names, channel_names=af.channel_names,
+                   scale=af.scale, translate=translate, pixel_size=af.pixel_size,
+                   layer_ids=af.layer_ids, units=af.units, region=(y0, x0, y1, x1),
+                   whole=af.data)
 
 
 @dataclass
@@ -94,19 +137,83 @@ class StainJob:
     device_description: str
     checkpoint: str
 
+    def network_calls(self) -> int:
+        """Network calls of the run (per sample and tile, as its progress counts them)."""
+        return self.settings.calls_per_sample(self.model.config.num_steps) * \
+            self.settings.samples * self.tile_plan().count
+
+    def tile_plan(self):
+        from ..engine.tiling import plan_tiles
+
+        return plan_tiles(self.af.data.shape[-2:], self.model.config, self.tile)
+
 
 def stain_steps(job: StainJob, cancel: threading.Event):
     """Generator: yields (done, total) network calls, returns the StainResult (with the N
-    samples kept). Setting `cancel` makes the engine stop at its next network call."""
+    samples kept). Setting `cancel` makes the engine stop at its next network call. A view
+    is normalised with the whole input's statistics, so it is stained as in the whole."""
+    from ..engine.model import af_statistics
     from ..engine.tiling import stain_tiled
     from ..progress import progress_reports
 
     def work(callback):
+        stats = None if job.af.whole is None else af_statistics(job.af.whole,
+                                                                job.model.config)
         return stain_tiled(job.model, job.af.data, job.settings, tile=job.tile,
-                           callback=callback, device=job.device, keep_samples=True)
+                           callback=callback, device=job.device, keep_samples=True,
+                           af_stats=stats)
 
     return (yield from progress_reports(work, cancel, lock=_ENGINE_LOCK))
 
+
+# ---- how long a run takes ----------------------------------------------------------------------
+
+def time_network_call(model, device, lock_timeout: float = 30.0) -> Optional[tuple]:
+    """(seconds, target pixels) of one network call of `model` on `device`, measured on one
+    small tile (the model's minimum tile) after a warm-up call; None when the engine is busy
+    for longer than `lock_timeout` seconds."""
+    from ..engine.tiling import minimum_tile, stain_tiled
+    from ..settings import StainSettings
+
+    config = model.config
+    side = minimum_tile(config)
+    af = np.random.default_rng(0).random((config.af_channels, side // config.factor,
+                                          side // config.factor)).astype(np.float32)
+    if not _ENGINE_LOCK.acquire(timeout=lock_timeout):
+        return None
+    try:
+        stain_tiled(model, af, StainSettings(steps=1, samples=1), device=device)  # warm-up
+        timed = StainSettings(steps=2, samples=2)
+        start = time.perf_counter()
+        stain_tiled(model, af, timed, device=device)
+        calls = timed.calls_per_sample(config.num_steps) * timed.samples
+        return (time.perf_counter() - start) / calls, side * side
+    finally:
+        _ENGINE_LOCK.release()
+
+
+def estimate_seconds(timing: tuple, tile: tuple, calls: int) -> float:
+    """About how long `calls` network calls on tiles of `tile` (y, x) target pixels take,
+    from one timed call (`time_network_call`): its time scaled to the tile, times the calls."""
+    seconds, pixels = timing
+    return seconds * (tile[0] * tile[1] / pixels) * calls
+
+
+def format_duration(seconds: float, approximate: bool = True) -> str:
+    """'about 40 s', 'about 12 min', 'about 3.5 h' (or, not approximate, '0:07', '1:02:03')."""
+    if not approximate:
+        seconds = int(round(seconds))
+        hours, rest = divmod(seconds, 3600)
+        return (f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours
+                else f"{rest // 60}:{rest % 60:02d}")
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
+# ---- results as layers -------------------------------------------------------------------------
 
 @dataclass
 class StainedRun:
@@ -137,48 +244,87 @@ class StainedRun:
         return summary.rgb, summary.cv
 
 
+@dataclass
+class ShownResult:
+    """A run and the layers that show it (by LAYER_ID, so renaming does not lose them)."""
+
+    run: StainedRun
+    ids: dict  # role -> layer id; the samples id is used only while the stack is shown
+    averaged: int  # how many of the cached samples the layers show
+    number: int = 1  # the how-manieth run of this input (names kept results)
+
+    @property
+    def key(self) -> tuple:
+        return self.run.job.af.key
+
+
+def new_layer_ids() -> dict:
+    return {role: uuid.uuid4().hex for role in ROLES}
+
+
 def finished_run(job: StainJob, result) -> StainedRun:
     """The run as it ran (the engine's provenance: call times, tile, device, dtype) plus
     where its input came from."""
     record = dict(result.provenance, checkpoint=job.checkpoint,
                   input_layers=job.af.layer_names, channel_names=job.af.channel_names,
                   af_shape=list(job.af.data.shape), af_pixel_size_um=job.af.pixel_size)
+    if job.af.region is not None:
+        record["view_af_box_yx"] = list(job.af.region)
     return StainedRun(job=job, samples=result.samples, rgb=result.rgb, cv=result.cv,
                       provenance=record)
 
 
-def output_names(base: str) -> dict:
-    return {"stained": f"{base} stained", "cv": f"{base} CV", "samples": f"{base} samples"}
+def output_names(base: str, view: bool = False) -> dict:
+    suffix = " (view)" if view else ""
+    return {"stained": f"{base} stained{suffix}", "cv": f"{base} CV{suffix}",
+            "samples": f"{base} samples{suffix}"}
 
 
-def output_layer_data(run: StainedRun, n_averaged: int, keep_samples: bool) -> dict:
+def output_units(af: AFInput) -> Optional[tuple]:
+    """(y, x) units of the output layers: micrometres when the input's pixel size is known
+    and is its scale, else the input layers' own units."""
+    if af.pixel_size is not None and np.allclose(af.pixel_size, af.scale, rtol=1e-6):
+        return (MICROMETRE, MICROMETRE)
+    return af.units
+
+
+def output_layer_data(shown: ShownResult, keep_samples: bool) -> dict:
     """{role: (data, kwargs)} of the result layers, placed over the input (scale, translate
-    from upsampled_placement) and carrying provenance and links in their metadata."""
+    from upsampled_placement), in micrometres where the input's pixel size is known, and
+    carrying provenance, their LAYER_ID and the links (ids) in their metadata. The samples
+    stack has an axis of its own ("sample"), left of the AF input's channel axis."""
+    run = shown.run
     factor = run.job.model.config.factor
     af = run.job.af
     scale, translate = upsampled_placement(af.scale, af.translate, factor)
     out_pixel = None if af.pixel_size is None else tuple(v / factor for v in af.pixel_size)
-    names = output_names(af.base_name)
-    n = int(np.clip(n_averaged, 1, run.count))
+    names = output_names(af.base_name, view=af.region is not None)
+    n = int(np.clip(shown.averaged, 1, run.count))
     rgb, cv = run.average(n)
     record = dict(run.provenance, averaged_samples=n)
-    links = {"input": af.layer_names, "stained": names["stained"], "cv": names["cv"],
-             "samples": names["samples"] if keep_samples else None, "factor": factor}
+    links = {"input": list(af.layer_ids), "stained": shown.ids["stained"],
+             "cv": shown.ids["cv"], "samples": shown.ids["samples"] if keep_samples else None,
+             "factor": factor}
+    units = output_units(af)
 
-    def metadata(layer_role, **extra):
-        return {ROLE: layer_role, PIXEL_SIZE: out_pixel, PROVENANCE: record, LINKS: links,
-                **extra}
+    def kwargs(layer_role, **extra):
+        metadata = {ROLE: layer_role, PIXEL_SIZE: out_pixel, PROVENANCE: record,
+                    LINKS: dict(links), LAYER_ID: shown.ids[layer_role]}
+        placed = {"name": names[layer_role], "scale": scale, "translate": translate,
+                  "metadata": metadata, **extra}
+        if units is not None:
+            placed["units"] = units
+        return placed
 
-    layers = {
-        "stained": (rgb, {"name": names["stained"], "rgb": True, "scale": scale,
-                          "translate": translate, "metadata": metadata("stained")}),
-        "cv": (cv, {"name": names["cv"], "scale": scale, "translate": translate,
-                    "metadata": metadata("cv")}),
-    }
+    layers = {"stained": (rgb, kwargs("stained", rgb=True)), "cv": (cv, kwargs("cv"))}
     if keep_samples:
-        layers["samples"] = (run.samples, {"name": names["samples"], "rgb": True,
-                                           "scale": (1.0, *scale), "translate": (0.0, *translate),
-                                           "metadata": metadata("samples"), "visible": False})
+        # (N, 1, H, W, 3): the sample axis, then one plane on the AF channel axis
+        stack = kwargs("samples", rgb=True, scale=(1.0, 1.0, *scale),
+                       translate=(0.0, 0.0, *translate),
+                       axis_labels=("sample", "channel", "y", "x"))
+        if units is not None:
+            stack["units"] = ("pixel", "pixel", *units)
+        layers["samples"] = (run.samples[:, None], stack)
     return layers
 
 
@@ -189,3 +335,27 @@ def cv_display_range(cv: np.ndarray, maximum: float) -> tuple:
     finite = cv[np.isfinite(cv)]
     top = float(np.percentile(finite, 99)) if finite.size else 1.0
     return (0.0, top if top > 0 else 1.0)
+
+
+# ---- messages in the dock's words --------------------------------------------------------------
+
+def dock_wording(text: str, labels: dict) -> str:
+    """A message of the engine (written for the command line) in the dock's terms:
+    `labels` maps command-line options to dock controls, e.g. {"--tile": "Tile"};
+    "use --tile 64 or larger" becomes "set Tile to 64 px or larger", "Steps (--steps)"
+    becomes "Steps", and no option name is left."""
+    def label(option):
+        return labels.get(option, option.lstrip("-").replace("-", " "))
+
+    def use(match):
+        option, values = match.group(1), [match.group(2)]
+        values += re.findall(r" or --[\w-]+ ([\w.:]+)", match.group(3) or "")
+        unit = " px" if option == "--tile" else ""
+        return f"set {label(option)} to {' or '.join(v + unit for v in values)}"
+
+    text = re.sub(r"\b(?:use|pass) (--[\w-]+) ([\w.:]+)((?: or \1 [\w.:]+)*)", use, text)
+    text = re.sub(r"\b(?:use|pass) (--[\w-]+)", lambda m: f"choose {label(m.group(1))}", text)
+    text = re.sub(r" ?\((--[\w-]+)\)", "", text)
+    text = re.sub(r"`?vstain import-weights`?", "Import authors' weights...", text)
+    text = re.sub(r"--[a-z][\w-]*", lambda m: label(m.group(0)), text)
+    return text

@@ -1,6 +1,7 @@
 """napari writer: an image layer as OME-TIFF with its pixel size, channel names and provenance
-(napari's own TIFF writer drops them). RGB layers are written as (Y, X, 3) uint8, 2-D layers
-(the CV map) as float32 maps, (C, Y, X) layers as AF stacks.
+(napari's own TIFF writer drops them), and where the layer lies (OME Plane PositionY /
+PositionX, which the reader turns back into the layer's translate). RGB layers are written as
+(Y, X, 3) uint8, 2-D layers (the CV map) as float32 maps, (C, Y, X) layers as AF stacks.
 
 Replacing an existing file: napari's save dialog has already asked the user to confirm it,
 so the writer replaces the file, atomically (written to a temporary file first), so a failed
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._layers import CHANNEL_NAMES, PIXEL_SIZE, PROVENANCE
+from ._layers import CHANNEL_NAMES, PIXEL_SIZE, PROVENANCE, first_pixel_corner
 
 
 def write_image_layer(path: str, data, meta: dict) -> list:
@@ -39,7 +40,11 @@ def write_image_layer(path: str, data, meta: dict) -> list:
     else:
         raise ValueError(f"Layer {name!r} has {array.ndim} dimensions {array.shape}; "
                          "napari-vstain writes 2-D images, (C, Y, X) stacks and RGB images.")
+    position = None
+    if meta.get("scale") is not None and meta.get("translate") is not None:
+        position = first_pixel_corner(meta["scale"], meta["translate"])
     written = write_ome_tiff(path, array, axes, pixel_size=metadata.get(PIXEL_SIZE),
                              channel_names=channel_names,
-                             provenance=metadata.get(PROVENANCE) or None, overwrite=True)
+                             provenance=metadata.get(PROVENANCE) or None, overwrite=True,
+                             position=position)
     return [str(written)]

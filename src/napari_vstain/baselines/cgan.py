@@ -57,9 +57,11 @@ class CGANConfig:
     description: str = ""
 
     def __post_init__(self):
+        from ..engine.config import Span, check_spans
+
         self.af_percentiles = tuple(self.af_percentiles)
-        if self.depth < 1 or self.base_channels < 1 or self.disc_layers < 1:
-            raise ValueError("The cGAN needs depth, base_channels and disc_layers >= 1.")
+        # every cGAN config, from a checkpoint or the command line, before anything is built
+        check_spans(vars(self), {name: Span(*span) for name, span in CGAN_SPANS.items()})
         if self.af_normalisation not in ("percentile", "zscore"):
             raise ValueError(f"Unknown AF normalisation {self.af_normalisation!r}; choose "
                              "percentile or zscore.")
@@ -326,12 +328,9 @@ CGAN_SPANS = {"af_channels": (1, 64), "factor": (1, 8), "cnn_width": (1, 1024),
 
 
 def checked_cgan_config(data: dict) -> CGANConfig:
-    """CGANConfig.from_dict, refusing fields outside CGAN_SPANS (ConfigFieldError)."""
-    from ..engine.config import Span, check_spans
-
-    config = CGANConfig.from_dict(data)
-    check_spans(vars(config), {name: Span(*span) for name, span in CGAN_SPANS.items()})
-    return config
+    """CGANConfig.from_dict, refusing fields outside CGAN_SPANS (ConfigFieldError, from
+    CGANConfig itself)."""
+    return CGANConfig.from_dict(data)
 
 
 def load_cgan(path, device="cpu"):
@@ -427,6 +426,7 @@ def configure_cli(parser) -> None:
 def run_cli(args) -> int:
     import torch
 
+    from ..engine.config import ConfigFieldError
     from ..engine.devices import resolve_device
     from ..training.data import load_training_data
     from ..training.settings import SIMULATED_TISSUES, TrainSettings
@@ -437,7 +437,9 @@ def run_cli(args) -> int:
                               "--overwrite.")
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors; got {out.name}.")
-    if args.threads:
+    if args.threads is not None:
+        if not 1 <= args.threads <= 1024:
+            raise ValueError(f"--threads must be from 1 to 1,024; got {args.threads}.")
         torch.set_num_threads(int(args.threads))
     like = settings_like(args.like) if args.like else {}
     if args.data or args.simulate:  # an explicit data source replaces the checkpoint's
@@ -468,7 +470,10 @@ def run_cli(args) -> int:
         fields["base_channels"] = fields["disc_channels"] = pick("base_channels", None)
     if args.depth is not None:
         fields["depth"] = args.depth
-    config = CGANConfig.tiny(**fields) if args.tiny else CGANConfig(**fields)
+    try:
+        config = CGANConfig.tiny(**fields) if args.tiny else CGANConfig(**fields)
+    except ConfigFieldError as exc:  # named as the flag the user gave
+        raise ValueError(f"--{exc.name.replace('_', '-')} = {exc.value} {exc.problem}.") from None
     settings = TrainSettings(data=data, simulate=tissues,
                              simulate_count=pick("simulate_count", defaults.simulate_count),
                              simulate_size=pick("simulate_size", defaults.simulate_size),

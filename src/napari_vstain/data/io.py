@@ -131,7 +131,7 @@ def read_rgb(path, min_size: int = MIN_IMAGE_SIZE) -> RGBImage:
     path = existing_file(path, "brightfield image")
     name = f"Brightfield image {path.name}"
     if not _is_tiff(path):  # PNG, JPEG, BMP...: decided by content, not by the file name
-        array, axes, pixel_size = _read_with_pillow(path), "YXS", None
+        (array, pixel_size), axes = _read_with_pillow(path), "YXS"
         if array.ndim == 2:
             axes = "YX"
     else:
@@ -175,6 +175,35 @@ def read_provenance(path) -> dict:
                         raise InputError(f"The provenance record in {path} is damaged (not "
                                          "valid JSON); write the file again.") from exc
     return {}
+
+
+def read_position(path) -> Optional[tuple]:
+    """Where the image lies on the slide, as written by `write_ome_tiff(position=...)`:
+    (y, x, unit) of its top-left corner (the outer edge of its first pixel) from the OME
+    Plane PositionY / PositionX of its first plane, with unit "µm" (any length unit is
+    converted) or "pixel"; None when the file does not say."""
+    path = existing_file(path, "image")
+    with _open_tiff(path) as tif:
+        pixels = _first_ome_pixels(tif)
+    if pixels is None:
+        return None
+    plane = next((p for p in pixels if _local_name(p.tag) == "Plane"), None)
+    if plane is None or plane.get("PositionX") is None or plane.get("PositionY") is None:
+        return None
+    units = {plane.get("PositionXUnit") or "reference frame",
+             plane.get("PositionYUnit") or "reference frame"}
+    try:
+        x, y = float(plane.get("PositionX")), float(plane.get("PositionY"))
+    except ValueError:
+        return None
+    if not (math.isfinite(x) and math.isfinite(y)):
+        return None
+    if units == {"pixel"}:
+        return (y, x, "pixel")
+    if len(units) != 1:
+        return None
+    factor = _MICROMETRES_PER_UNIT.get(units.pop().strip().lower())
+    return None if factor is None else (y * factor, x * factor, "µm")
 
 
 _SPECIAL_FILES = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a character device"),
@@ -388,17 +417,21 @@ def _incomplete(path: Path) -> InputError:
                       "damaged; copy or export it again.")
 
 
-def _read_with_pillow(path: Path) -> np.ndarray:
+def _read_with_pillow(path: Path) -> tuple:
+    """(array, pixel size (y, x) micrometres or None) of a PNG / JPEG / BMP... file; the
+    pixel size comes from its resolution (PNG pHYs, JPEG density) when that is a plausible
+    microscope pixel (desktop defaults such as 72 dpi are not)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
             check_fits_in_memory(path, [_pillow_shape_and_type(image)])
             image.load()  # decodes now, so a cut-off file fails here
+            pixel_size = _pillow_pixel_size(image.info.get("dpi"))
             if image.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
                 image = image.convert("RGBA" if "A" in image.mode or
                                       "transparency" in image.info else "RGB")
-            return np.asarray(image)
+            return np.asarray(image), pixel_size
     except InputError:
         raise  # too large for the memory: said from the header
     except Image.DecompressionBombError as exc:
@@ -411,6 +444,18 @@ def _read_with_pillow(path: Path) -> np.ndarray:
         raise _not_readable_image(path) from exc
     except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise _not_readable_image(path) from exc
+
+
+def _pillow_pixel_size(dpi) -> Optional[tuple]:
+    """(y, x) micrometres from Pillow's (x, y) dots per inch, or None when absent or not a
+    plausible microscope pixel."""
+    try:
+        x, y = (_micrometres(1.0 / float(v), "inch") for v in dpi)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if x is None or y is None or max(x, y) > _MAX_PLAUSIBLE_PIXEL_UM:
+        return None
+    return (y, x)
 
 
 def _not_readable_image(path: Path) -> InputError:
@@ -682,11 +727,14 @@ _WRITE_AXES = ("CYX", "YXS", "YX")
 
 
 def ome_metadata(axes: str, pixel_size=None, channel_names: Optional[Sequence[str]] = None,
-                 provenance: Optional[dict] = None) -> dict:
+                 provenance: Optional[dict] = None, position=None, planes: int = 1) -> dict:
     """Keyword arguments for tifffile.imwrite / TiffWriter.write giving napari-vstain's OME
     metadata: axes, PhysicalSizeX/Y in micrometres (also as resolution tags in centimetres),
-    channel names and the provenance JSON (an OME CommentAnnotation). Tile-by-tile writers
-    pass these too, so every writer produces identical metadata."""
+    channel names, the provenance JSON (an OME CommentAnnotation) and, if given, the
+    `position` (y, x) of the image's top-left corner (the outer edge of its first pixel) as
+    the OME Plane PositionY / PositionX of each of its `planes` planes, in micrometres (in
+    pixels when the pixel size is not known). Tile-by-tile writers pass these too, so every
+    writer produces identical metadata."""
     from .. import __version__
 
     if axes not in _WRITE_AXES:
@@ -709,6 +757,13 @@ def ome_metadata(axes: str, pixel_size=None, channel_names: Optional[Sequence[st
     if provenance is not None:
         metadata["CommentAnnotation"] = {"Namespace": PROVENANCE_NAMESPACE,
                                          "Value": _provenance_json(provenance)}
+    if position is not None:
+        corner_y, corner_x = (float(v) for v in position)
+        if not (math.isfinite(corner_y) and math.isfinite(corner_x)):
+            raise ValueError(f"Position {position} must be finite (y, x).")
+        unit = "µm" if size is not None else "pixel"
+        metadata["Plane"] = {"PositionX": [corner_x] * planes, "PositionXUnit": [unit] * planes,
+                             "PositionY": [corner_y] * planes, "PositionYUnit": [unit] * planes}
     return kwargs
 
 
@@ -728,11 +783,12 @@ def tiff_layout(shape: Sequence[int], dtype) -> dict:
 def write_ome_tiff(path, data, axes: str, pixel_size=None,
                    channel_names: Optional[Sequence[str]] = None,
                    provenance: Optional[dict] = None, overwrite: bool = False,
-                   inputs: Sequence = ()) -> Path:
+                   inputs: Sequence = (), position=None) -> Path:
     """Write an OME-TIFF atomically: "CYX" (AF, any numeric type), "YXS" (RGB, uint8) or "YX"
     (a single-channel map such as CV, float32). Refuses to replace an existing file unless
     `overwrite` (FileExistsError), and to replace one of `inputs` (the files the image was
-    made from) even then."""
+    made from) even then. `position`: (y, x) of the image's top-left corner on the slide
+    (see ome_metadata; read back with read_position)."""
     import tifffile
 
     from ..atomic import atomic_write
@@ -744,21 +800,28 @@ def write_ome_tiff(path, data, axes: str, pixel_size=None,
         if len(channel_names) != wanted:
             raise ValueError(f"{len(channel_names)} channel names given for an image with "
                              f"{wanted} channel{'s' if wanted != 1 else ''}.")
-    kwargs = ome_metadata(axes, pixel_size, channel_names, provenance)
+    kwargs = ome_metadata(axes, pixel_size, channel_names, provenance, position=position,
+                          planes=data.shape[0] if axes == "CYX" else 1)
     kwargs.update(tiff_layout(data.shape, data.dtype))
     return atomic_write(Path(path), lambda tmp: tifffile.imwrite(tmp, data, **kwargs), overwrite,
                         inputs=inputs)
 
 
-def write_png(path, rgb, overwrite: bool = False) -> Path:
+def write_png(path, rgb, overwrite: bool = False, pixel_size=None) -> Path:
     """Write a (Y, X, 3) uint8 RGB image as PNG, atomically; refuses to overwrite unless
-    `overwrite`."""
+    `overwrite`. A `pixel_size` (y, x) in micrometres is written as the PNG's physical pixel
+    size (pHYs, pixels per metre), which read_rgb reads back."""
     from PIL import Image
 
     from ..atomic import atomic_write
 
     rgb = _writable_array(rgb, "YXS")
-    return atomic_write(Path(path), lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG"),
+    options = {}
+    size = _pixel_size_pair(pixel_size)
+    if size is not None:
+        options["dpi"] = (25400.0 / size[1], 25400.0 / size[0])  # (x, y) pixels per inch
+    return atomic_write(Path(path),
+                        lambda tmp: Image.fromarray(rgb).save(tmp, format="PNG", **options),
                         overwrite)
 
 
@@ -814,7 +877,8 @@ def _provenance_json(provenance: dict) -> str:
 
 
 __all__ = ["InputError", "MissingInputError", "AFImage", "RGBImage", "read_af", "read_rgb",
-           "validate_af", "read_provenance", "write_ome_tiff", "write_png", "ome_metadata",
+           "validate_af", "read_provenance", "read_position", "write_ome_tiff", "write_png",
+           "ome_metadata",
            "tiff_layout", "existing_file", "check_output_path", "available_memory",
            "check_fits_in_memory",
            "MIN_IMAGE_SIZE", "PROVENANCE_NAMESPACE"]

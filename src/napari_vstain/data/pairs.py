@@ -203,8 +203,10 @@ def read_manifest(folder, allow_outside_paths: bool = False) -> list:
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:  # unreadable, not UTF-8 or not JSON
-        raise ValueError(f"{manifest_path} is not a valid pair manifest ({exc}); fix it, "
-                         f"{_NO_MANIFEST}.") from None
+        from ..explain import read_problem
+
+        raise ValueError(f"{manifest_path} is not a valid pair manifest ({read_problem(exc)}); "
+                         f"fix it, {_NO_MANIFEST}.") from None
     entries = manifest.get("pairs") if isinstance(manifest, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{manifest_path} is not a valid pair manifest (it needs a non-empty "

@@ -55,10 +55,13 @@ def configure_cli(parser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
 
 
+MAX_PAIRS = 100_000  # pairs of one `vstain simulate` run (they are held in memory)
+
+
 def make_pairs(tissue: str, count: int, size: int, factor: int, seed: int) -> list:
     """The pairs of one `vstain simulate` run (names <tissue>_s<seed>_<i>)."""
-    if count < 1:
-        raise ValueError(f"--count must be at least 1, not {count}.")
+    if not 1 <= count <= MAX_PAIRS:
+        raise ValueError(f"--count must be from 1 to {MAX_PAIRS:,}; got {count}.")
     if seed < 0:
         raise ValueError(f"--seed must be 0 or more, not {seed}.")
     pairs = []

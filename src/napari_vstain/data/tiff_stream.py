@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
-from ..atomic import recover_killed_runs, refuse_inputs, result_transaction
+from ..atomic import check_places, recover_killed_runs, refuse_inputs, result_transaction
 from ..errors import OutputError
 from .io import TILE_SIZE, ome_metadata, tiff_layout
 
@@ -29,9 +29,8 @@ class OmeTiffWriter:
         self.inputs = [Path(p) for p in inputs]
         refuse_inputs((self.rgb_path, self.cv_path), self.inputs)
         recover_killed_runs((self.rgb_path, self.cv_path))
+        check_places((self.rgb_path, self.cv_path))
         for path in (self.rgb_path, self.cv_path):
-            if path.is_dir():
-                raise OutputError(f"{path} is a folder; give a file name for the output.")
             if path.exists() and not overwrite:
                 raise FileExistsError(f"{path} already exists; choose another name or "
                                       "allow overwriting (--overwrite).")

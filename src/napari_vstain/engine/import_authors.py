@@ -173,9 +173,10 @@ def load_authors_state(path, config=None) -> dict:
         raise _checkpoint_error(
             f"{path} is not a plain weights file: {reason}, so it was not loaded. Pass the "
             "authors' state-dict files (ema_0.9999_220000.pt and its _compress.pt).") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise _checkpoint_error(f"{path} is not a readable PyTorch weights file ({exc}); it may "
-                                "be truncated or of another format.") from None
+    except Exception:  # torch's own texts ("pop from empty list", "[enforce fail ...]")
+        raise _checkpoint_error(f"{path} is not a readable PyTorch weights file; it may be "
+                                "truncated or of another format. Pass the authors' .pt "
+                                "files (ema_0.9999_220000.pt and its _compress.pt).") from None
     state = _unwrap(data, path)
     check_weights(state, path)
     return state

@@ -52,6 +52,11 @@ class EvaluationSettings:
         self.cv_counts = tuple(sorted(set(int(n) for n in self.cv_counts)))
 
     def validate(self, num_steps: int) -> "EvaluationSettings":
+        # this command's own option names first (the table's would name `vstain stain`'s)
+        SETTINGS["seed"].check(self.stain.seed, num_steps, option="--stain-seed")
+        for option, steps in (("--cv-steps", self.cv_steps), ("--fast-steps", self.fast_steps)):
+            if steps is not None:
+                SETTINGS["steps"].check(steps, num_steps, option=option)
         self.stain.validate(num_steps)
         unknown = [s for s in self.samplers if s not in SAMPLERS]
         if unknown:

@@ -113,8 +113,10 @@ _POSITIVE = (lambda v: v > 0, "positive")
 # training setting -> (test, what the value must be); types come from TrainSettings' fields
 TRAINING_LIMITS = {
     **{name: _at_least(1) for name in ("steps", "batch_size", "crop", "checkpoint_every",
-                                       "validate_every", "log_every", "simulate_count",
-                                       "simulate_size", "threads")},
+                                       "validate_every", "log_every", "simulate_size")},
+    # bounded: their lists and threads are made before any work
+    "simulate_count": (lambda v: 1 <= v <= 100_000, "from 1 to 100,000"),
+    "threads": (lambda v: 1 <= v <= 1024, "from 1 to 1,024"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "from 0 to 2**63 - 1"),
     "lr": _POSITIVE, "max_minutes": _POSITIVE,
     "weight_decay": _at_least(0), "grad_clip": _at_least(0),
@@ -289,7 +291,10 @@ def read_config_file(path) -> tuple[dict, dict]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:  # unreadable, not UTF-8 or not JSON
-        raise ValueError(f"{path} is not valid JSON ({exc}).") from None
+        from ..explain import read_problem
+
+        raise ValueError(f"{path} cannot be used as a config file ({read_problem(exc)}); "
+                         "give a JSON file {\"model\": {...}, \"training\": {...}}.") from None
     return config_sections(data, str(path))
 
 
