@@ -47,3 +47,25 @@ def tiny_local_checkpoint(tmp_path_factory):
     digest = save_model(make_tiny_local_model(num_steps=1000, train_crop=32,
                                               weight_noise=0.01), path)
     return path, digest
+
+
+def huge_header_tiff(path, rows: int = 143_000, width: int = 70_000):
+    """A ~10 kB deflate-compressed TIFF whose header declares a 4 x rows x width float32
+    image (149 GiB by default): written 8 rows high, then its ImageLength tag is patched.
+    (Never write such an image for real: the disk is shared.)"""
+    import struct
+    from pathlib import Path
+
+    import numpy as np
+    import tifffile
+
+    path = Path(path)
+    tifffile.imwrite(path, np.zeros((4, 8, width), np.float32), photometric="minisblack",
+                     planarconfig="separate", compression="zlib", metadata=None)
+    with tifffile.TiffFile(path) as tif:
+        tag = tif.pages.first.tags["ImageLength"]
+        offset, code, byteorder = tag.valueoffset, int(tag.dtype), tif.byteorder
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(struct.pack(byteorder + ("I" if code == 4 else "H"), rows))
+    return path

@@ -6,7 +6,6 @@ import errno
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+
+from conftest import huge_header_tiff
 
 from napari_vstain import cli
 from napari_vstain.data import io, register, simulate
@@ -52,20 +53,6 @@ def one_error_line(err: str, command: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith(f"vstain {command}:")]
     assert len(lines) == 1, err
     return lines[0]
-
-
-def huge_header_tiff(path: Path, rows: int = 143_000, width: int = 70_000) -> Path:
-    """A tiny deflate-compressed TIFF whose header declares a 4 x rows x width float32 image
-    (149 GiB by default): written 8 rows high, then its ImageLength tag is patched."""
-    tifffile.imwrite(path, np.zeros((4, 8, width), np.float32), photometric="minisblack",
-                     planarconfig="separate", compression="zlib", metadata=None)
-    with tifffile.TiffFile(path) as tif:
-        tag = tif.pages.first.tags["ImageLength"]
-        offset, code, byteorder = tag.valueoffset, int(tag.dtype), tif.byteorder
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(struct.pack(byteorder + ("I" if code == 4 else "H"), rows))
-    return path
 
 
 # ---- the error boundary: OSError by errno ---------------------------------------------------

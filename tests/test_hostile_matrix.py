@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import sys
 import zipfile
@@ -29,6 +28,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import pytest
 import tifffile
+
+import conftest
 
 DECLINED = "declined"
 
@@ -102,19 +103,9 @@ def truncated_tiff(folder: Path, name: str = "cut.tif") -> Path:
     return path
 
 
-def huge_header_tiff(folder: Path, name: str = "huge.tif", rows: int = 143_000,
-                     width: int = 70_000) -> Path:
-    """A ~10 kB deflate TIFF whose header declares 4 x rows x width float32 (149 GiB): written
-    8 rows high, then its ImageLength tag is patched (as in test_errors_cli)."""
-    path = folder / name
-    tifffile.imwrite(path, np.zeros((4, 8, width), np.float32), photometric="minisblack",
-                     planarconfig="separate", compression="zlib", metadata=None)
-    with tifffile.TiffFile(path) as tif:
-        tag = tif.pages.first.tags["ImageLength"]
-        offset, code, byteorder = tag.valueoffset, int(tag.dtype), tif.byteorder
-    with open(path, "r+b") as handle:
-        handle.seek(offset)
-        handle.write(struct.pack(byteorder + ("I" if code == 4 else "H"), rows))
+def huge_header_tiff(folder: Path, name: str = "huge.tif") -> Path:
+    """A ~10 kB TIFF whose header declares a 149 GiB image (conftest.huge_header_tiff)."""
+    path = conftest.huge_header_tiff(folder / name)
     assert path.stat().st_size < 200_000
     return path
 

@@ -2,7 +2,6 @@
 survives concurrent runs and kills; outliers and NaN never pass as a good image."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -67,11 +67,11 @@ def test_stain_refuses_existing_outputs_unless_overwrite(files, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--sampler", "mean", "--t-exit", "1001"], "t_e (--t-exit) must be from 0 to 1000"),
+    (["--sampler", "mean", "--t-exit", "1001"], "t_e (--t-exit) must be from 0 to 1,000"),
     (["--sampler", "skip", "--t-exit", "-1"], "t_e (--t-exit) must be at least 0"),
     (["--steps", "0"], "Steps (--steps) must be at least 1"),
-    (["--steps", "2000"], "Steps (--steps) must be from 1 to 1000 (the model's T)"),
-    (["--samples", "0"], "Samples N (--samples) must be at least 1"),
+    (["--steps", "2000"], "Steps (--steps) must be from 1 to 1,000 (the model's T)"),
+    (["--samples", "0"], "Samples N (--samples) must be from 1 to 1,000"),
     (["--seed", "-1"], "Seed (--seed) must be from 0 to"),
     (["--sampler", "mean", "--eta", "0.5"], "--eta does not apply to the mean sampler"),
     (["--t-exit", "20"], "--t-exit does not apply to the fast sampler; it is for mean, skip"),

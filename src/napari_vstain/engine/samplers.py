@@ -19,7 +19,6 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from ..errors import Cancelled  # noqa: F401  (raised through progress.report)
 from ..progress import ProgressCallback, report
 from ..settings import (DEFAULT_CONVENTION, SAMPLERS, StainSettings, call_times,
                         steps_are_stochastic)
