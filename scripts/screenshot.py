@@ -51,6 +51,7 @@ def take_screenshot(args) -> Path:
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from napari_vstain._napari._layers import layer_id
     from napari_vstain.data.io import write_png
 
     if args.out.exists() and not args.overwrite:
@@ -83,8 +84,8 @@ def take_screenshot(args) -> Path:
     # 2. Ground truth: register the H&E onto the stained output
     truth_dock, truth = viewer.window.add_plugin_dock_widget(PLUGIN, "Ground truth")
     truth.reset_choices()
-    truth._reference.value = stained.name
-    truth._brightfield.value = he.name
+    truth._reference.value = layer_id(stained)  # the docks' choices hold layer ids
+    truth._brightfield.value = layer_id(he)
     results = []
     truth.registration_finished.connect(results.append)
     truth.register()
@@ -102,11 +103,16 @@ def take_screenshot(args) -> Path:
     window.tabifyDockWidget(truth_dock, compare_dock)  # one tab group keeps the canvas large
     compare_dock.raise_()
     compare.reset_choices()
-    compare._stained.value = stained.name
+    compare._stained.value = layer_id(stained)
     compare._truth.reset_choices()
     registered = f"{he.name} registered"
-    compare._truth.value = registered if results[0] and registered in viewer.layers else he.name
-    if compare.show_compare() is None:
+    compare._truth.value = layer_id(viewer.layers[registered]) \
+        if results[0] and registered in viewer.layers else layer_id(he)
+    compared = []
+    compare.compare_finished.connect(compared.append)
+    compare.show_compare()
+    wait_for(app, lambda: bool(compared), args.timeout, "The compare view")
+    if compared[0] is None:
         raise SystemExit(f"Compare view failed: {compare.last_message}")
     print(compare.last_message)
     from napari._qt.dialogs.qt_notification import NapariQtNotification

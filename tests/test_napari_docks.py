@@ -89,9 +89,10 @@ def show_compare(qtbot, widget):
 def scale_bar_text(viewer, qtbot):
     from qtpy.QtWidgets import QApplication
 
-    viewer.canvas.overlays.scale_bar.visible = True
+    scale_bar = viewer.canvas.overlays.scale_bar
+    scale_bar.visible = True
     QApplication.processEvents()
-    visuals = viewer.window._qt_viewer.canvas._viewer_overlay_to_visual[viewer.canvas.overlays.scale_bar]
+    visuals = viewer.window._qt_viewer.canvas._viewer_overlay_to_visual[scale_bar]
     return visuals[0].node.text.text
 
 
@@ -429,6 +430,12 @@ def test_exported_regions_reopen_where_they_were_cut(make_napari_viewer, qtbot, 
         np.testing.assert_allclose(reopened_truth.scale, (0.5, 0.5))
     # the cut rectangle ends at the image edge
     assert reopened.data.shape[1] + x0 == stained.data.shape[1]
+    # a layer saved with the plugin's writer reopens in place too
+    saved = tmp_path / "saved.ome.tif"
+    stained.save(str(saved), plugin=PLUGIN)
+    (reopened,) = viewer.open(saved, plugin=PLUGIN)
+    np.testing.assert_allclose(reopened.translate, stained.translate, atol=1e-6)
+    np.testing.assert_allclose(reopened.scale, stained.scale)
 
 
 # ---- 12: only stained layers are registered onto; the registered layer goes below -----------
@@ -451,3 +458,23 @@ def test_ground_truth_needs_a_stained_layer_and_goes_below_it(make_napari_viewer
     registered = viewer.layers[f"{he.name} registered"]
     assert viewer.layers.index(registered) == viewer.layers.index(stained) - 1
     assert viewer.layers[-1] is stained  # the output is still what the user sees
+
+
+def test_positions_and_png_pixel_sizes_round_trip(tmp_path):
+    """data.io: where an image lies (OME Plane Position, µm or pixels) and PNG pixel sizes."""
+    from PIL import Image
+
+    from napari_vstain.data.io import read_position, read_rgb, write_ome_tiff, write_png
+
+    rgb = np.zeros((16, 16, 3), np.uint8)
+    path = write_ome_tiff(tmp_path / "a.ome.tif", np.ones((4, 16, 16), np.float32), "CYX",
+                          pixel_size=(2.0, 2.0), position=(10.5, -3.25))
+    assert read_position(path) == (10.5, -3.25, "µm")
+    path = write_ome_tiff(tmp_path / "b.ome.tif", rgb, "YXS", position=(1.0, 2.0))
+    assert read_position(path) == (1.0, 2.0, "pixel")  # no pixel size: in pixels
+    assert read_position(write_ome_tiff(tmp_path / "c.ome.tif", rgb, "YXS")) is None
+    png = write_png(tmp_path / "a.png", rgb, pixel_size=(0.65, 0.5))
+    assert read_rgb(png).pixel_size == pytest.approx((0.65, 0.5), rel=1e-5)
+    assert read_rgb(write_png(tmp_path / "b.png", rgb)).pixel_size is None
+    Image.fromarray(rgb).save(tmp_path / "desktop.png", dpi=(72, 72))  # not a microscope's
+    assert read_rgb(tmp_path / "desktop.png").pixel_size is None

@@ -9,13 +9,14 @@ from napari.utils.notifications import notification_manager
 
 from napari_vstain._napari._compare import OUTLINE_NAMES, CompareWidget
 from napari_vstain._napari._ground_truth_widget import GroundTruthWidget
-from napari_vstain._napari._layers import PIXEL_SIZE, PROVENANCE, ROLE
+from napari_vstain._napari._layers import PIXEL_SIZE, PROVENANCE, ROLE, layer_id
 from napari_vstain._napari._roi_export import RoiExportWidget, export_regions
 from napari_vstain._napari._sample_data import simulated_sample_layers
 from napari_vstain._napari._staining_widget import StainingWidget
 from napari_vstain.engine.checkpoint import save_model
 from napari_vstain.settings import StainSettings
 from napari_vstain.engine.tiling import stain_tiled
+from test_napari_docks import add_stained, shifted
 
 pytestmark = pytest.mark.gui
 
@@ -70,6 +71,7 @@ def configure(widget, checkpoint, inputs, sampler="fast", steps=2, samples=3, se
     widget._seed.value = seed
     widget._tile.value = tile
     widget._keep_samples.value = keep_samples
+    widget.confirm = lambda question: True  # a long-run question would open a dialog
 
 
 def run_and_wait(qtbot, widget):
@@ -315,67 +317,66 @@ def test_bad_checkpoint_is_a_notification(make_napari_viewer, tmp_path):
 
 
 def _shifted_pair(viewer, shift=(2.0, -3.0)):
-    """The lung sample's H&E and a copy shifted by `shift` (y, x) pixels."""
-    from scipy import ndimage
-
-    _af, he = add_small_lung(viewer)
-    moved = np.stack([ndimage.shift(he.data[..., c].astype(np.float64), shift, order=1,
-                                    mode="nearest") for c in range(3)], axis=-1)
-    moving = viewer.add_image(np.clip(np.round(moved), 0, 255).astype(np.uint8), rgb=True,
-                              name="moved H&E", scale=he.scale, metadata={PIXEL_SIZE: (0.5, 0.5)})
-    return he, moving
+    """A stand-in stained layer of the lung sample (its H&E, as the staining dock would add
+    a stained layer) and a copy of the H&E shifted by `shift` (y, x) pixels."""
+    af, he = add_small_lung(viewer)
+    moving = viewer.add_image(shifted(he.data, shift), rgb=True, name="moved H&E",
+                              scale=he.scale, units=he.units, metadata={PIXEL_SIZE: (0.5, 0.5)})
+    return add_stained(viewer, af, he.data.copy()), moving
 
 
 def test_ground_truth_registration_and_metrics(make_napari_viewer, qtbot):
     from napari_vstain.metrics import psnr, ssim_rgb
 
     viewer = make_napari_viewer()
-    he, moving = _shifted_pair(viewer)
+    stained, moving = _shifted_pair(viewer)
     widget = dock(viewer, "Ground truth")
     widget.reset_choices()
-    widget._reference.value = he.name
-    widget._brightfield.value = moving.name
+    widget._reference.value = layer_id(stained)
+    widget._brightfield.value = layer_id(moving)
     with qtbot.waitSignal(widget.registration_finished, timeout=RUN_TIMEOUT_MS) as blocker:
         widget._register_button.changed.emit(True)
     assert blocker.args == [True], widget.last_message
     registered = viewer.layers["moved H&E registered"]
     assert registered.metadata[ROLE] == "ground_truth"
-    np.testing.assert_allclose(registered.scale, he.scale)
-    np.testing.assert_allclose(registered.translate, he.translate)
+    np.testing.assert_allclose(registered.scale, stained.scale)
+    np.testing.assert_allclose(registered.translate, stained.translate)
     matrix = widget.last_result.matrix  # fixed (x, y) -> moving (x, y): moving = fixed + shift
     np.testing.assert_allclose(matrix[:2, :2], np.eye(2), atol=0.02)
     np.testing.assert_allclose(matrix[:2, 2], (-3.0, 2.0), atol=0.3)
     inner = (slice(8, -8), slice(8, -8))
-    assert ssim_rgb(registered.data[inner], he.data[inner]) > 0.9
+    assert ssim_rgb(registered.data[inner], stained.data[inner]) > 0.9
 
     # SSIM / PSNR over the current view (reset: the whole image) and over rectangles
     viewer.reset_view()
     scores = widget.measure()
     assert scores[0]["box"] == (0, 0, 128, 128)
-    assert scores[0]["ssim"] == pytest.approx(ssim_rgb(he.data, registered.data))
-    assert scores[0]["psnr"] == pytest.approx(psnr(he.data, registered.data))
-    viewer.add_shapes([[[10.0, 20.0], [40.0, 60.0]]], shape_type="rectangle", name="boxes")
+    assert scores[0]["ssim"] == pytest.approx(ssim_rgb(stained.data, registered.data))
+    assert scores[0]["psnr"] == pytest.approx(psnr(stained.data, registered.data))
+    boxes = viewer.add_shapes([[[10.0, 20.0], [40.0, 60.0]]], shape_type="rectangle",
+                              name="boxes", units=stained.units)
     widget.reset_choices()
     widget._region.value = "rectangles in a shapes layer"
-    widget._shapes.value = "boxes"
+    widget._shapes.value = layer_id(boxes)
     (box_score,) = widget.measure()
     # world (10..40, 20..60) um with 0.5 um pixels centred at -0.75 + 0.5 i
     assert box_score["box"] == (22, 42, 82, 122)
     y0, x0, y1, x1 = box_score["box"]
-    assert box_score["ssim"] == pytest.approx(ssim_rgb(he.data[y0:y1, x0:x1],
+    assert box_score["ssim"] == pytest.approx(ssim_rgb(stained.data[y0:y1, x0:x1],
                                                        registered.data[y0:y1, x0:x1]))
     assert "SSIM" in widget._scores_info.value
 
 
 def test_registration_failure_is_reported(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
-    _af, he = add_small_lung(viewer)
+    af, he = add_small_lung(viewer)
+    stained = add_stained(viewer, af, he.data.copy())
     noise = np.random.default_rng(0).integers(0, 256, he.data.shape, dtype=np.uint8)
-    viewer.add_image(noise, rgb=True, name="noise")
+    noise_layer = viewer.add_image(noise, rgb=True, name="noise")
     widget = dock(viewer, "Ground truth")
     widget.reset_choices()
-    widget._reference.value = he.name
-    widget._brightfield.value = "noise"
+    widget._reference.value = layer_id(stained)
+    widget._brightfield.value = layer_id(noise_layer)
     count = len(viewer.layers)
     with qtbot.waitSignal(widget.registration_finished, timeout=RUN_TIMEOUT_MS) as blocker:
         widget.register()
@@ -397,21 +398,28 @@ def stained_lung(make_napari_viewer, qtbot, tiny_checkpoint):
     return viewer, af, he, stained
 
 
+def show_compare(qtbot, widget):
+    """Click "Show compare view" and wait for the worker: the scores (None if refused)."""
+    with qtbot.waitSignal(widget.compare_finished, timeout=RUN_TIMEOUT_MS) as blocker:
+        widget._show_button.changed.emit(True)
+    return blocker.args[0]
+
+
 def test_compare_view(stained_lung, qtbot):
     from napari_vstain.metrics import pigment_mask_from_rgb, pigment_scores
 
     viewer, af, he, stained = stained_lung
-    # the sample's H&E lies on the stained grid without registration
+    # the sample's H&E lies on the stained grid without registration, and belongs to its input
     widget = dock(viewer, "Compare pigment")
     widget.reset_choices()
-    widget._stained.value = stained.name
-    assert he.name in widget._truth.choices
-    widget._truth.value = he.name
+    widget._stained.value = layer_id(stained)
+    assert layer_id(he) in widget._truth.choices
+    widget._truth.value = layer_id(he)
     he.visible = False  # the user's own view, to be restored on leaving
     order_before = [layer.name for layer in viewer.layers]
-    widget._show_button.changed.emit(True)
+    scores = show_compare(qtbot, widget)
     assert [layer.name for layer in viewer.layers][:len(order_before)] != order_before
-    scores = widget.last_scores
+    assert scores is widget.last_scores
     expected = pigment_scores(pigment_mask_from_rgb(stained.data), pigment_mask_from_rgb(he.data))
     assert scores["f1"] == expected["f1"] or (np.isnan(scores["f1"]) and np.isnan(expected["f1"]))
     assert "F1" in widget._scores_info.value
@@ -426,7 +434,7 @@ def test_compare_view(stained_lung, qtbot):
     np.testing.assert_allclose(outline.translate, stained.translate)
     # a perfect stain (the H&E itself) agrees fully
     stained.data = he.data.copy()
-    assert widget.show_compare()["f1"] == pytest.approx(1.0)
+    assert show_compare(qtbot, widget)["f1"] == pytest.approx(1.0)
     added = viewer.add_image(np.zeros((8, 8)), name="added in compare view")
     widget.leave_compare()
     assert not viewer.canvas.grid.enabled
@@ -438,7 +446,7 @@ def test_compare_view(stained_lung, qtbot):
     viewer.layers.remove(added)
     # without a CV layer the grid keeps its (image, outline) pairs, one cell fewer
     viewer.layers.remove(f"{af.name} CV")
-    assert widget.show_compare() is not None
+    assert show_compare(qtbot, widget) is not None
     visible = [layer.name for layer in viewer.layers if layer.visible]
     assert visible == [he.name, "pigment: ground truth", stained.name, "pigment: stained",
                        af.name, "pigment: ground truth (on input)"]
@@ -450,8 +458,8 @@ def test_roi_export_round_trip(stained_lung, qtbot, tmp_path):
     viewer, af, he, stained = stained_lung
     truth = dock(viewer, "Ground truth")
     truth.reset_choices()
-    truth._reference.value = stained.name
-    truth._brightfield.value = he.name
+    truth._reference.value = layer_id(stained)
+    truth._brightfield.value = layer_id(he)
     stained.data = he.data.copy()  # a stand-in perfect stain, so that registration succeeds
     with qtbot.waitSignal(truth.registration_finished, timeout=RUN_TIMEOUT_MS) as blocker:
         truth.register()
@@ -461,8 +469,8 @@ def test_roi_export_round_trip(stained_lung, qtbot, tmp_path):
     shapes = widget.add_rectangle_layer()
     shapes.add_rectangles([[[8.0, 8.0], [40.0, 40.0]], [[30.0, 20.0], [60.0, 50.0]]])
     widget.reset_choices()
-    widget._stained.value = stained.name
-    widget._shapes.value = shapes.name
+    widget._stained.value = layer_id(stained)
+    widget._shapes.value = layer_id(shapes)
     widget._folder.value = tmp_path
     widget._prefix.value = "lung"
     written = widget.export()

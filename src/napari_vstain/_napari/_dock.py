@@ -19,7 +19,7 @@ COMBO_CHARACTERS = 16  # a drop-down is sized for this many characters, longer n
 
 class _ScrollArea(QScrollArea):
     """A vertical scroll area that asks for its content's width (room for the scroll bar
-    included, at most DOCK_WIDTH) and for no height in particular."""
+    included, at most DOCK_WIDTH) and its content's height, and can shrink to a few lines."""
 
     def _width(self, content: int) -> int:
         return content + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()

@@ -17,8 +17,8 @@ import weakref
 from pathlib import Path
 from typing import Optional
 
-from magicgui.widgets import (CheckBox, ComboBox, Container, FileEdit, FloatSpinBox, Label,
-                              PushButton, Select, Slider, SpinBox)
+from magicgui.widgets import (CheckBox, ComboBox, FileEdit, FloatSpinBox, Label, PushButton,
+                              Select, Slider, SpinBox)
 from magicgui.widgets.bases import RangedWidget
 from napari.utils.notifications import show_error, show_info
 from psygnal import Signal
@@ -26,6 +26,7 @@ from qtpy.QtCore import QEvent, QObject, QTimer
 
 from ..settings import CONVENTIONS, DEFAULT_CONVENTION, SAMPLERS, SETTINGS, StainSettings
 from . import _staining
+from ._dock import ScrollingDock
 from ._layers import (LAYER_ID, ROLE, data_box, find_layer, is_single_or_multichannel_image,
                       layer_id, visible_world_box)
 from ._staining import (ROLES, ShownResult, StainJob, af_from_layers, crop_to_view,
@@ -35,7 +36,6 @@ from ._staining import (ROLES, ShownResult, StainJob, af_from_layers, crop_to_vi
 CV_COLORMAPS = ("magma", "viridis", "inferno", "turbo", "gray")
 MAX_SAMPLES = 64
 LONG_RUN_SECONDS = 180  # longer runs ask for a confirmation first
-DOCK_WIDTH = 400  # fits a 1366 x 768 screen beside the canvas
 # The dock's control for each command-line option that engine messages may name.
 OPTION_LABELS = {**{setting.option: setting.label for setting in SETTINGS.values()},
                  "--tile": "Tile", "--device": "Device", "--checkpoint": "Checkpoint",
@@ -144,7 +144,7 @@ class RunState(enum.Enum):
     FAILED = "failed"  # the run raised; the worker is finishing
 
 
-class StainingWidget(Container):
+class StainingWidget(ScrollingDock):
     """The staining dock widget. `progressed(done, total)` is emitted (in the GUI thread) after
     each network call; `run_finished(outcome)` with "done", "cancelled" or "error";
     `model_loaded(ok)` when a checkpoint loaded in the background is ready (or failed).
@@ -246,14 +246,13 @@ class StainingWidget(Container):
                                     tooltip="Top of the CV colour scale; 0 = automatic "
                                             "(99th percentile).")
         self._cv_legend = Label(value="")
-        self._form = Container(widgets=[
+        super().__init__(widgets=[
             self._inputs, self._checkpoint, self._model_info, self._import_button,
             self._device, self._sampler, self._t_exit, self._steps, self._eta,
             self._convention, self._samples, self._seed, self._tile, self._plan,
             self._estimate, self._keep_samples, self._keep_previous, self._run_button,
             self._view_button, self._status, self._result_info, self._averaged,
             self._show_cv, self._cv_colormap, self._cv_max, self._cv_legend])
-        super().__init__(widgets=[], labels=False)
         self._fit_width()
 
         self._checkpoint.changed.connect(lambda value: self.load_checkpoint_in_background(value))
@@ -287,35 +286,23 @@ class StainingWidget(Container):
         self._select_default_input()
 
     def _fit_width(self):
-        """At most DOCK_WIDTH wide (a 1366 x 768 screen keeps its canvas), long texts
-        wrapped, combo boxes not widened by long names, and the whole scrollable."""
-        from qtpy.QtCore import Qt
-        from qtpy.QtWidgets import QComboBox, QFrame, QScrollArea
+        """Long texts wrap over the row's whole width (and take the height of their lines:
+        magicgui's labels are otherwise fixed at one guessed height and get cut off); the
+        input list stays short. The scroll area and narrow drop-downs come from ScrollingDock."""
+        from qtpy.QtWidgets import QSizePolicy
 
         for label in (self._model_info, self._status, self._cv_legend, self._plan,
                       self._estimate, self._result_info):
-            label.native.setWordWrap(True)  # long messages wrap instead of widening the dock
-            label.native.setMinimumWidth(1)
-        for combo in (self._device, self._sampler, self._convention, self._cv_colormap):
-            combo.native.setSizeAdjustPolicy(
-                QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-            combo.native.setMinimumContentsLength(8)
+            policy = label.native.sizePolicy()
+            policy.setHorizontalPolicy(QSizePolicy.Policy.Ignored)
+            policy.setVerticalPolicy(QSizePolicy.Policy.Preferred)
+            label.native.setSizePolicy(policy)
         self._inputs.native.setMaximumHeight(90)
-        self._form.native.setMaximumWidth(DOCK_WIDTH)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setFrameShape(QFrame.Shape.NoFrame)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        scroll.setWidget(self._form.native)
-        self.native.layout().addWidget(scroll)
-        self.native.layout().setContentsMargins(0, 0, 0, 0)
-        self.native.setMaximumWidth(DOCK_WIDTH + 20)
-        self._scroll_area = scroll
 
     def reset_choices(self, *_):
         """napari calls this when layers change: refresh the layer drop-downs."""
         if not self._closed:
-            self._form.reset_choices()
+            super().reset_choices()
 
     # ---- choices ------------------------------------------------------------------------
 
@@ -680,7 +667,7 @@ class StainingWidget(Container):
         try:
             job = self.make_job(view=view)
         except ValueError as error:  # includes InputError and CheckpointError
-            self._notify_error(self._wording(str(error)))
+            self._notify_error(str(error))
             return
         if not self._confirm_cost(job):
             return
@@ -802,7 +789,7 @@ class StainingWidget(Container):
         self.state = RunState.FAILED
         if self._closed:
             return
-        text = self._wording(str(error))
+        text = str(error)
         if isinstance(error, (ValueError, OSError, MemoryError)):
             self._notify_error(f"Virtual staining failed: {text}")
         else:
@@ -931,11 +918,12 @@ class StainingWidget(Container):
         """Selecting a result layer in the layer list makes its result the current one."""
         if self._closed or self._updating_layers:
             return
-        layer = self._viewer.layers.selection.active
-        wanted = None if layer is None else layer.metadata.get(LAYER_ID)
+        layer = self._viewer.layers.selection.active  # (the viewer may be a proxy: ids)
+        if layer is None or not layer.metadata.get(LAYER_ID):
+            return
+        wanted, layer_role = layer.metadata[LAYER_ID], layer.metadata.get(ROLE)
         for key, shown in self._results.items():
-            if wanted and wanted in shown.ids.values() and \
-                    self.result_layer(layer.metadata.get(ROLE), shown) is layer:
+            if shown.ids.get(layer_role) == wanted:
                 if key != self._current_key:
                     self._make_current(key, select_input=True)
                 return
@@ -1009,7 +997,9 @@ class StainingWidget(Container):
         """The colour bar shows only with its CV map; the checkbox follows the eye icon."""
         layer = event.source
         layer.colorbar.visible = bool(layer.visible)
-        if not self._closed and layer is self.result_layer("cv"):
+        shown = self.current_result
+        if not self._closed and shown is not None and \
+                layer.metadata.get(LAYER_ID) == shown.ids["cv"]:
             self._syncing = True
             try:
                 self._show_cv.value = bool(layer.visible)
@@ -1046,5 +1036,6 @@ class StainingWidget(Container):
             self._status.value = text
 
     def _notify_error(self, text: str):
+        text = self._wording(text)  # engine messages may name command-line options
         self._set_status(text)
         show_error(text)
