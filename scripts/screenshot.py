@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPOSITORY / "docs" / "images" / "napari_compare.png"
+SMALL_SCREEN_OUT = REPOSITORY / "docs" / "images" / "napari_1366x768.png"
 PLUGIN = "napari-vstain"
 
 
@@ -32,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto")
     parser.add_argument("--size", type=int, nargs=2, default=(1800, 1100),
                         metavar=("WIDTH", "HEIGHT"), help="window size in pixels")
+    parser.add_argument("--small-screen", type=Path, default=SMALL_SCREEN_OUT,
+                        help="also a 1366 x 768 screenshot with the four docks as tabs")
     parser.add_argument("--timeout", type=float, default=1200.0,
                         help="seconds to wait for the staining and the registration")
     return parser.parse_args(argv)
@@ -62,11 +65,11 @@ def take_screenshot(args) -> Path:
     af, he = viewer.open_sample(PLUGIN, args.tissue)
 
     # 1. Virtual staining: the sample's AF stack is pre-selected
-    _, staining = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual staining")
+    staining_dock, staining = viewer.window.add_plugin_dock_widget(PLUGIN, "Virtual staining")
     if args.checkpoint is not None and not staining.load_checkpoint(args.checkpoint):
         raise SystemExit(f"Cannot use {args.checkpoint}: {staining.last_message}")
-    if staining.model is None:
-        raise SystemExit(f"No model: {staining._model_info.value}")
+    wait_for(app, lambda: staining.model is not None, 300, "Loading the model")  # a worker
+    staining.confirm = lambda question: True  # a script does not stop for the cost dialog
     staining._inputs.value = [af.name]
     staining._samples.value = args.samples
     staining._steps.value = args.steps
@@ -130,6 +133,22 @@ def take_screenshot(args) -> Path:
         time.sleep(0.05)
     image = viewer.screenshot(canvas_only=False, flash=False)
     written = write_png(args.out, image[..., :3], overwrite=args.overwrite)
+
+    # 4. The same session on a 1366 x 768 screen, with all four docks reachable as tabs
+    if args.small_screen is not None:
+        compare.leave_compare()
+        export_dock, _export = viewer.window.add_plugin_dock_widget(PLUGIN, "Export regions")
+        for dock in (truth_dock, compare_dock, export_dock):
+            window.tabifyDockWidget(staining_dock, dock)
+        staining_dock.raise_()
+        window.resize(1366, 768)
+        for _ in range(30):
+            app.processEvents()
+            time.sleep(0.05)
+        viewer.reset_view()
+        small = viewer.screenshot(canvas_only=False, flash=False)
+        write_png(args.small_screen, small[..., :3], overwrite=args.overwrite)
+        print(f"wrote {args.small_screen}")
     viewer.close()
     return written
 
