@@ -166,24 +166,39 @@ def _clear_stale(output: Path, say) -> None:
 
 
 def check_places(outputs: Iterable) -> None:
-    """Refuse, before any work, outputs that cannot be written where they are asked for: a
-    folder given as a file name, a path through a file, a folder that cannot be written."""
+    """Refuse, before any work, outputs that cannot be written where they are asked for."""
     for output in outputs:
-        output = Path(os.path.abspath(output))
-        if output.is_dir():
-            raise OutputError(f"{output} is a folder; give a file name for the output.")
-        existing = next(p for p in (output.parent, *output.parent.parents) if p.exists())
-        if not existing.is_dir():
-            raise OutputError(f"{output} cannot be written: {existing} is a file, not a "
-                              "folder; choose another place for the output.")
-        probe = existing / f".vstain-probe.{_owner()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
-        try:  # the folder may look writable and not be (read-only mounts, /proc, ...)
-            os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
-            os.unlink(probe)
-        except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise OutputError(f"Cannot write {output}: files cannot be created in {existing} "
-                              f"({reason}); choose another place for the output.") from None
+        check_place(output)
+
+
+def check_place(output, option: Optional[str] = None, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written where it is asked for: a
+    folder given as a file name (or a file as a `folder` output), a path through a file, a
+    folder in which files cannot be created. `option`: the command's flag, named in the
+    message. Returns the path."""
+    given = Path(output).expanduser()
+    output = Path(os.path.abspath(given))
+    named = f"{option} {given}" if option else str(output)
+    another = f"choose another {option}" if option else "choose another place for the output"
+    if not folder and output.is_dir():
+        hint = f", e.g. {given / 'result.ome.tif'}" if option else " for the output"
+        raise OutputError(f"{named} is a folder; give a file name{hint}.")
+    if folder and output.exists() and not output.is_dir():
+        raise OutputError(f"{named} is a file, but a folder is needed; {another}.")
+    existing = next(p for p in (output, *output.parents) if p.exists()) if folder else \
+        next(p for p in (output.parent, *output.parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"{named} cannot be written: {existing} is a file, not a folder; "
+                          f"{another}.")
+    probe = existing / f".vstain-probe.{_owner()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:  # the folder may look writable and not be (read-only mounts, /proc, ...)
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OutputError(f"Cannot write {output}: files cannot be created in {existing} "
+                          f"({reason}); {another}.") from None
+    return given
 
 
 def recover_killed_runs(outputs: Iterable, say: Optional[Callable[[str], None]] = None

@@ -239,24 +239,11 @@ def existing_file(path, what: str) -> Path:
 
 
 def check_output_path(path, option: str = "--out", folder: bool = False) -> Path:
-    """Refuse, before any work, an output that cannot be written where it is asked for: a
-    file output that is a folder, a folder output that is a file, or a path through a file.
-    UserError naming `option`."""
-    from ..errors import UserError
+    """Refuse, before any work, an output that cannot be written where it is asked for
+    (atomic.check_place, naming `option`)."""
+    from ..atomic import check_place
 
-    path = Path(path).expanduser()
-    blocking = next((parent for parent in reversed(path.parents) if parent.exists()
-                     and not parent.is_dir()), None)
-    if blocking is not None:
-        raise UserError(f"{option} {path} cannot be written: {blocking} is a file, not a "
-                        f"folder; choose another {option}.")
-    if folder and path.exists() and not path.is_dir():
-        raise UserError(f"{option} {path} is a file, but a folder is needed; choose another "
-                        f"{option}.")
-    if not folder and path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name, e.g. "
-                        f"{path / 'result.ome.tif'}.")
-    return path
+    return check_place(path, option, folder)
 
 
 def _is_tiff(path: Path) -> bool:

@@ -36,6 +36,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from ..errors import NonFiniteOutputError
+from ..explain import is_out_of_memory
 from ..settings import StainSettings
 from .inference import NoiseField, StainResult, provenance
 from .model import af_statistics, model_to_rgb, normalise_af
@@ -291,15 +292,6 @@ def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto") -
     return max(1, int(usable // (per_pixel * pixels)))
 
 
-def _is_out_of_memory(error: BaseException) -> bool:
-    """CUDA's OutOfMemoryError, or a CPU allocator that could not get memory."""
-    import torch
-
-    oom = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-    text = str(error).lower()
-    return isinstance(error, oom) or "out of memory" in text or "can't allocate" in text
-
-
 def _af_tile(af: np.ndarray, stats: dict, top: int, left: int, tile_af: tuple) -> np.ndarray:
     """The normalised AF crop of one tile, reflect-padded where the image is shorter."""
     crop = normalise_af(af[:, top:top + tile_af[0], left:left + tile_af[1]], stats)
@@ -381,7 +373,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
                 x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, grid,
                                   device, precision, progress)
             except RuntimeError as error:
-                if batch == 1 or not _is_out_of_memory(error):
+                if batch == 1 or not is_out_of_memory(error):
                     raise
                 batch = max(1, batch // 2)  # too big for the device: halve it and go on
                 if device.type == "cuda":
