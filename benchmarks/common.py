@@ -111,6 +111,15 @@ def central_crop(pair: dict, target_size: int, factor: int) -> dict:
                                       left * factor:(left + side) * factor])
 
 
+def rss_now_mib() -> float:
+    """This process's resident memory now (Linux), in MiB."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def machine() -> dict:
     """What ran the benchmark: CPU, threads, library versions, commit."""
     import torch

@@ -25,14 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 
-def rss_now_mib() -> float:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child(args) -> int:
     """Stain one synthetic AF image of `--size` output pixels; print one JSON line."""
     common.setup_threads(args.threads)
@@ -48,7 +40,7 @@ def child(args) -> int:
     af = rng.standard_normal((4, side, side), dtype=np.float32)
     af *= 50.0
     af += 1000.0
-    before = rss_now_mib()
+    before = common.rss_now_mib()
     plan = plan_tiles(af.shape, cfg, None)
     settings = StainSettings(sampler="fast", steps=args.steps, eta=0.0, samples=1, seed=0)
     with tempfile.TemporaryDirectory() as folder:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(HERE))
 import common  # noqa: E402
 
 SCRIPTS = ("quality_vs_calls.py", "tiled_vs_untiled.py", "samples_batching.py",
-           "memory_scaling.py")
+           "memory_scaling.py", "network_speed.py", "af_statistics_error.py",
+           "whole_slide.py")
 
 
 def main(argv=None) -> int:
@@ -108,13 +109,17 @@ def _tiled_section(record: dict) -> list:
                          f"{seams['columns']:.2f} / {seams['rows']:.2f} | "
                          f"{t['ssim_to_target']:.4f} / {row['untiled_ssim_to_target']:.4f} | "
                          f"{t['seconds']:.1f} / {row['untiled_seconds']:.1f} |")
-            if t["tile_px"] == record["default_tile_px"] and t["overlap"] == 0.25:
+            # the tile compared with the untiled image (the default before tiles were sized
+            # to the image) at the default overlap (a fraction in older results)
+            if t["tile_px"] == record.get("compared_tile_px", record["default_tile_px"]) \
+                    and t["overlap"] == record.get("default_overlap_px", 0.25):
                 default_runs.append(t)
     worst_psnr = min(t["psnr_to_untiled"] for t in default_runs)
     worst_seam = max(abs(r - 1.0) for t in default_runs
                      for r in t["seam_energy_ratio"].values())
     met = worst_psnr >= 40.0 and worst_seam <= 0.10
-    return lines + ["", "Criterion (default tiles and overlap: tiled and untiled agree at PSNR "
+    return lines + ["", "Criterion (tiles smaller than the image, default overlap: tiled and "
+                        "untiled agree at PSNR "
                         ">= 40 dB, and the gradient energy across tile borders is within 10 % "
                         "of that across the same lines without tiles): worst PSNR "
                         f"{worst_psnr:.1f} dB, worst seam ratio "
@@ -153,6 +158,72 @@ def _memory_section(record: dict) -> list:
     return lines
 
 
+def _network_section(record: dict) -> list:
+    network, m = record["network"], record["machine"]
+    lines = ["## Network speed and threads", "",
+             f"Model: {record['model']}. Call: {record['call']}. Machine: {m['cpu']}; "
+             f"{m['date_utc']}; 1-minute load average at start "
+             f"{m['load_average_1min_at_start']:.2f}.", "",
+             "| formulas | CPU ms / call | max abs difference to before |", "|---|---|---|"]
+    for row in network["rows"]:
+        lines.append(f"| {row['variant']} | {row['median_cpu_ms']:.0f} | "
+                     f"{row['max_abs_difference_to_before']:.1e} |")
+    lines += ["", f"Speed-up of the network call: **{network['speedup_cpu_time']:.2f}x** "
+                  f"(outputs within {record['tolerance']:g}: "
+                  f"{'yes' if record['within_tolerance'] else 'NO'}).", ""]
+    threads = record["threads"]
+    if "with_a_busy_loop_on_one_core" not in threads:
+        return lines + [threads.get("note", ""), ""]
+    lines += [f"Torch threads on {threads['cpus']} CPUs ({threads['physical_cores']} physical "
+              "cores), wall time per call:", "",
+              "| machine | 1 thread (ms) | 2 threads (ms) | 2 threads / 1 | choose_threads "
+              "picked |", "|---|---|---|---|---|"]
+    for name, label, choice_key in (
+            ("as_the_machine_is", "as it was (shared)", "choice"),
+            ("with_a_busy_loop_on_one_core", "plus a busy loop on one core", "choice_seen")):
+        part = threads[name]
+        choice = part[choice_key]
+        lines.append(f"| {label} | {part['median_ms_1_thread']:.0f} | "
+                     f"{part['median_ms_2_threads']:.0f} | "
+                     f"{part['two_threads_time_over_one']:.2f} | {choice['count']} "
+                     f"({choice['reason']}) |")
+    return lines + [""]
+
+
+def _af_statistics_section(record: dict) -> list:
+    lines = ["## AF statistics of whole slides", "",
+             f"Data: {record['data']}. Reference: {record['reference']}. Each estimate's "
+             "largest error over the channels as a fraction of the channel's 1-99 % span "
+             "(low / high: the percentiles of the default normalisation; std: the z-score "
+             "normalisation's), the largest / mean absolute difference of the normalised AF "
+             "(percentile normalisation, about [-1, 1]) over every pixel, and its seconds.", "",
+             "| slide | estimate | low | high | std | normalised max / mean diff | s |",
+             "|---|---|---|---|---|---|---|"]
+    for row in record["rows"]:
+        for method, entry in row["methods"].items():
+            percentile = entry["by_normalisation"]["percentile"]
+            zscore = entry["by_normalisation"]["zscore"]
+            lines.append(
+                f"| {row['slide']} | {method} | "
+                f"{percentile['statistics']['low']['error_over_span']:.4f} | "
+                f"{percentile['statistics']['high']['error_over_span']:.4f} | "
+                f"{zscore['statistics']['std']['error_over_span']:.4f} | "
+                f"{percentile['normalised_max_abs_difference']:.3f} / "
+                f"{percentile['normalised_mean_abs_difference']:.4f} | "
+                f"{entry['seconds']:.2f} |")
+    return lines + ["", "slide_statistics gathers the pixels af_statistics samples (every k-th "
+                        "pixel) from level 0 block by block: the same statistics as the image "
+                        "read whole, at the cost of one decoding pass. Pyramid levels are not "
+                        "used: their averaged pixels are less noisy than level 0's (compare "
+                        "the pyramid level with the strided pixels of the same count).", ""]
+
+
+def _whole_slide_section(record: dict) -> list:
+    from whole_slide import markdown_section
+
+    return markdown_section(record)
+
+
 def _gpu_sections(folder: Path) -> list:
     from gpu_benchmark import markdown_table
 
@@ -169,7 +240,8 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
 
     folder = Path(folder)
     records = {name: _load(folder, name) for name in
-               ("quality_vs_calls", "tiled_vs_untiled", "samples_batching", "memory_scaling")}
+               ("quality_vs_calls", "tiled_vs_untiled", "samples_batching", "memory_scaling",
+                "network_speed", "af_statistics_error", "whole_slide")}
     first = next((r for r in records.values() if r is not None), None)
     lines = ["# Benchmark results", "",
              "Command: `python benchmarks/run_all.py` (each script's own command, machine and "
@@ -193,7 +265,10 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
         lines += ["Wall time: " + ", ".join(f"{k} {v / 60:.1f} min"
                                              for k, v in times.items()) + ".", ""]
     sections = (("quality_vs_calls", _quality_section), ("tiled_vs_untiled", _tiled_section),
-                ("samples_batching", _batching_section), ("memory_scaling", _memory_section))
+                ("samples_batching", _batching_section), ("memory_scaling", _memory_section),
+                ("network_speed", _network_section),
+                ("af_statistics_error", _af_statistics_section),
+                ("whole_slide", _whole_slide_section))
     for name, section in sections:
         if records[name] is not None:
             lines += section(records[name])

@@ -45,14 +45,15 @@ def test_demo_writes_the_stain_cv_map_figure_and_metrics(tmp_path, tiny_checkpoi
     assert -1 <= scores["ssim"] <= 1 and 0 < scores["psnr"] < 60
     assert set(scores["pigment"]) >= {"precision", "recall", "f1", "true"}
     assert scores["pigment_vs_simulated_mask"]["true"] > 0  # the held-out lung has pigment
-    # 2 samples x 2 calls on each of the 3 x 3 tiles (64 px tiles of the 124 px image)
-    assert metrics["network_calls"] == 2 * 2 * 9
+    # 2 samples x 2 calls on one tile: tiles are sized to the image
+    assert metrics["network_calls"] == 2 * 2 * 1
     record = read_provenance(out / "stained.ome.tif")
     assert record == metrics["provenance"]
     assert record["samples"] == 2 and record["demo_seed"] == 7
-    # the tile it stained with: a local U-Net's default, twice its 32 px training crop
+    # the tile it stained with: within a local U-Net's largest default tile, sized to the
+    # image (its 120 px of output)
     tile = default_tile(load_model(tiny_checkpoint).config)
-    assert tile == 64 and record["tile"] == [64, 64]
+    assert tile == 512 and record["tile"] == [120, 120]
     assert record["network_call_times"] == [1000, 500] and record["sampler"] == "fast"
     assert record["checkpoint_hash"] == metrics["model"]["hash"]
     printed = capsys.readouterr().out

@@ -34,7 +34,8 @@ def test_manifest_lists_every_contribution():
     manifest = PluginManifest.from_distribution("napari-vstain")
     contributions = manifest.contributions
     assert {w.display_name for w in contributions.widgets} == {
-        "Virtual staining", "Ground truth", "Compare pigment", "Export regions"}
+        "Virtual staining", "Ground truth", "Compare pigment", "Export regions",
+        "Stain whole slide"}
     assert {s.key for s in contributions.sample_data} == {"lung", "heart"}
     assert contributions.readers and contributions.writers
     # every python_name resolves to a callable (the module imports without torch or Qt errors)
@@ -174,3 +175,28 @@ def test_region_helpers():
     cv = np.array([[0.0, 0.1], [0.2, np.nan]], np.float32)
     assert cv_display_range(cv, 0.5) == (0.0, 0.5)
     assert cv_display_range(cv, 0.0)[1] == pytest.approx(np.percentile([0, 0.1, 0.2], 99))
+
+
+@pytest.mark.gui
+def test_viewer_opens_whole_slides_as_multiscale_layers(make_napari_viewer, tmp_path):
+    """A pyramidal AF OME-TIFF and the stained OME-Zarr folder opened in a real viewer
+    through the plugin: multiscale layers in µm, read lazily."""
+    from test_slide_io import af_stack, pyramid, write_pyramidal_ome_tiff, write_stained_output
+
+    levels = pyramid(af_stack(height=256, width=192), 3)
+    af_path = write_pyramidal_ome_tiff(tmp_path / "slide.ome.tif", levels, pixel_size=(0.5, 0.5))
+    stained_path = tmp_path / "slide_stained.zarr"
+    write_stained_output(stained_path, "0.4", provenance={"seed": 1})
+    viewer = make_napari_viewer()
+    (af,) = viewer.open(str(af_path), plugin="napari-vstain")
+    assert af.multiscale and len(af.data) == 3 and af.data[0].shape == (4, 256, 192)
+    assert tuple(af.scale) == (1.0, 0.5, 0.5) and str(af.units[-1]) == "micrometer"
+    assert af.metadata[ROLE] == "af" and af.metadata[CHANNEL_NAMES] == ["DAPI", "FITC",
+                                                                        "TxRed", "Cy5"]
+    layers = viewer.open(str(stained_path), plugin="napari-vstain")
+    by_role = {layer.metadata[ROLE]: layer for layer in layers}
+    assert by_role["stained"].rgb and by_role["stained"].multiscale
+    assert by_role["stained"].data[0].shape == (300, 260, 3)
+    assert by_role["cv"].multiscale and not by_role["cv"].visible
+    assert tuple(by_role["stained"].scale) == (0.25, 0.25)
+    assert by_role["stained"].metadata[PROVENANCE] == {"seed": 1}

@@ -12,6 +12,7 @@ from napari_vstain._napari._ground_truth_widget import GroundTruthWidget
 from napari_vstain._napari._layers import PIXEL_SIZE, PROVENANCE, ROLE, layer_id
 from napari_vstain._napari._roi_export import RoiExportWidget, export_regions
 from napari_vstain._napari._sample_data import simulated_sample_layers
+from napari_vstain._napari._whole_slide_widget import WholeSlideWidget
 from napari_vstain._napari._staining_widget import StainingWidget
 from napari_vstain.engine.checkpoint import save_model
 from napari_vstain.settings import StainSettings
@@ -89,9 +90,11 @@ def test_widgets_dock_through_the_manifest(make_napari_viewer):
     viewer = make_napari_viewer()
     manager = npe2.PluginManager.instance()
     names = {w.display_name for w in manager.iter_widgets() if w.plugin_name == PLUGIN}
-    assert names == {"Virtual staining", "Ground truth", "Compare pigment", "Export regions"}
+    assert names == {"Virtual staining", "Ground truth", "Compare pigment", "Export regions",
+                     "Stain whole slide"}
     expected = {"Virtual staining": StainingWidget, "Ground truth": GroundTruthWidget,
-                "Compare pigment": CompareWidget, "Export regions": RoiExportWidget}
+                "Compare pigment": CompareWidget, "Export regions": RoiExportWidget,
+                "Stain whole slide": WholeSlideWidget}
     for name, cls in expected.items():
         assert isinstance(dock(viewer, name), cls)
 

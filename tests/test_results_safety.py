@@ -13,7 +13,7 @@ import torch
 
 from napari_vstain import cli
 from napari_vstain.atomic import LOCK_SUFFIX, TEMP_SUFFIX, _owner, result_transaction
-from napari_vstain.data import tiff_stream
+from napari_vstain.data import pyramid_tiff, tiff_stream
 from napari_vstain.data.io import write_ome_tiff
 from napari_vstain.engine.model import OUTLIER_SPANS, ModelConfig, af_statistics, normalise_af
 from napari_vstain.engine.tiling import stain_tiled
@@ -68,14 +68,24 @@ def test_a_failed_cv_map_keeps_the_old_pair(files, capsys, monkeypatch):
     out = files["folder"] / "s.ome.tif"
     assert stain(files, out) == 0
     before = snapshot(files["folder"])
+    real_write = pyramid_tiff.write_pyramidal_ome_tiff
 
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device", str(out.with_name("s_cv.ome.tif")))
+    def disk_full_for_the_cv_map(source, path, overwrite=False, image=None):
+        if image == "cv":
+            raise OSError(28, "No space left on device", str(path))
+        return real_write(source, path, overwrite=overwrite, image=image)
 
-    monkeypatch.setattr(tiff_stream, "_tiles_of_raw_rows", disk_full)
+    monkeypatch.setattr(pyramid_tiff, "write_pyramidal_ome_tiff", disk_full_for_the_cv_map)
     assert stain(files, out, "--overwrite", "--seed", "3") != 0
     assert "Traceback" not in capsys.readouterr().err
-    assert snapshot(files["folder"]) == before  # the old stain and CV map, and no leftovers
+    # the old stain and CV map; no temporaries; the finished blocks kept for --resume
+    assert snapshot(files["folder"]) == before
+    assert (files["folder"] / f".{out.name}.vstain-blocks" / "done" / "0_0").exists()
+    monkeypatch.undo()
+    assert stain(files, out, "--overwrite", "--seed", "3", "--resume") == 0
+    assert "Resuming: 1 of 1 blocks are done" in capsys.readouterr().err
+    assert sorted(p.name for p in files["folder"].iterdir()) == sorted(before)  # no staging
+    assert snapshot(files["folder"])["s.ome.tif"] != before["s.ome.tif"]  # seed 3
 
 
 def test_a_folder_as_cv_map_is_refused_before_any_work(files, capsys):
@@ -132,7 +142,8 @@ KILL_BETWEEN_RENAMES = textwrap.dedent("""
     def replace(source, target):
         calls.append(target)
         real_replace(source, target)
-        final_renames = [t for t in calls if not str(t).endswith(atomic.LOCK_SUFFIX)]
+        final_renames = [t for t in calls
+                         if os.path.basename(str(t)) in ("s.ome.tif", "s_cv.ome.tif")]
         if len(final_renames) == 1:  # the stain is in place, the CV map is not yet
             os.kill(os.getpid(), signal.SIGKILL)
     atomic.os.replace = replace
@@ -197,8 +208,9 @@ def test_extreme_af_pixels_are_clipped_with_a_warning(tiny_local_model):
     assert np.abs(normalised).max() <= 2.2 * OUTLIER_SPANS + 2
     settings = StainSettings(steps=2, samples=1)
     with pytest.warns(UserWarning):
-        stained = stain_tiled(tiny_local_model, hostile, settings).rgb
-    clean = stain_tiled(tiny_local_model, af, settings).rgb
+        # 32-px tiles: a pixel reaches only the tiles around it
+        stained = stain_tiled(tiny_local_model, hostile, settings, tile=32).rgb
+    clean = stain_tiled(tiny_local_model, af, settings, tile=32).rgb
     far = np.ones(clean.shape[:2], bool)
     far[:24, :24] = far[28:, 36:] = False  # the tiles around the two pixels
     # not black, and far from the two pixels as the clean image (the statistics leave the

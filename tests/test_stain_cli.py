@@ -32,7 +32,7 @@ def run(files, out, *extra):
 
 def test_stain_writes_rgb_and_cv_with_pixel_size_and_provenance(files, tmp_path, capsys):
     out = tmp_path / "stained.ome.tif"
-    assert run(files, out, "--seed", "4", "--tile", "36", "--overlap", "0.5") == 0
+    assert run(files, out, "--seed", "4", "--tile", "36", "--overlap", "8") == 0
     cv_out = tmp_path / "stained_cv.ome.tif"
     rgb = read_rgb(out)
     assert rgb.data.shape == (80, 96, 3) and rgb.data.std() > 0
@@ -44,7 +44,8 @@ def test_stain_writes_rgb_and_cv_with_pixel_size_and_provenance(files, tmp_path,
         assert record["checkpoint_hash"] == files["hash"]
         assert (record["sampler"], record["steps"], record["samples"], record["seed"]) == \
             ("fast", 2, 2, 4)
-        assert record["tile"] == [36, 36] and record["overlap"] == 0.5
+        # tiles of at most 36 px sized to the image: 3 x 3 of 32 px sharing at least 8 px
+        assert record["tile"] == [32, 32] and record["overlap"] == 8
         assert record["device"].startswith("cpu")
         assert record["network_calls_per_sample"] == 2
         assert record["network_call_times"] == [1000, 500] and record["dtype"] == "float32"
@@ -80,11 +81,13 @@ def test_stain_refuses_existing_outputs_unless_overwrite(files, tmp_path, capsys
     (["--tile", "16"], "minimum of 32 px"),
     (["--tile", "33"], "nearest valid size is 32 px"),
     (["--tile", "35"], "nearest valid size is 36 px"),
-    (["--overlap", "0.9"], "overlap must be a fraction from 0 to 0.75"),
+    (["--overlap", "-1"], "overlap is a whole number of output pixels"),
     (["--device", "tpu"], "Unknown device 'tpu'"),
     (["--eta", "2"], "eta (--eta) must be from 0 to 1"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--cv-out", "cv.png"], "must be a TIFF file name"),
+    (["--cv-out", "cv.png"], "must be NAME.ome.tif"),
+    (["--cv-out", "cv.ome.zarr"], "must be NAME.ome.tif"),
+    (["--block", "1000"], "multiple of the output chunk"),
 ])
 def test_stain_refuses_bad_settings_before_any_work(files, tmp_path, capsys, monkeypatch,
                                                      extra, message):

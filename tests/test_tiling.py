@@ -65,7 +65,7 @@ def untiled_reference(model, af, settings):
 
 def test_plan_covers_the_image_with_overlap():
     cfg = ModelConfig.tiny(train_crop=CROP)
-    plan = plan_tiles((4, 40, 30), cfg, tile=48, overlap=0.25)
+    plan = plan_tiles((4, 40, 30), cfg, tile=48, overlap=12)
     assert plan.tile_af == (12, 12) and plan.tile == (48, 48)
     # steps of at most 9 (25 % of 12 is 3), spread evenly to the last border
     assert plan.rows == (0, 7, 14, 21, 28) and plan.cols == (0, 9, 18)
@@ -83,15 +83,17 @@ def test_default_tile_is_twice_the_crop_only_for_a_local_unet():
         group.unet, norm="pixel", attention_window=3))
     assert not group.unet.is_local and local.unet.is_local
     assert default_tile(group) == minimum_tile(group) == 48
-    assert default_tile(local) == 96
-    assert plan_tiles((4, 40, 40), local).tile == (96, 96)
+    assert default_tile(local) == 512
+    # tiles fitted to the image: one 160-px tile covers a 160-px output, not a 512-px one
+    assert plan_tiles((4, 40, 40), local).tile == (160, 160)
     assert plan_tiles((4, 40, 40), group).tile == (48, 48)
 
 
 def test_small_image_gets_a_padded_minimum_tile():
     cfg = ModelConfig.tiny(train_crop=CROP)
     plan = plan_tiles((4, 5, 50), cfg, tile=96)
-    assert plan.tile_af == (12, 24)  # the short side: the minimum (12 AF px), not the tile
+    # the short side: the minimum (12 AF px); the long one: 3 tiles of 21 with 6 overlapping
+    assert plan.tile_af == (12, 21) and plan.cols == (0, 14, 29) and plan.overlap == 24
     assert plan.rows == (0,)
 
 
@@ -197,8 +199,8 @@ def test_no_seams_at_tile_borders(model, monkeypatch):
     # The measure does see seams: tiles stitched edge to edge, without overlap or blending.
     monkeypatch.setattr(tiling, "blend_window", lambda h, w, kind="gaussian": np.ones((h, w)))
     edge_to_edge = smooth_af(36, 36, seed=2)  # three tiles of 12 AF px per side exactly
-    stitched = stain_tiled(model, edge_to_edge, settings, overlap=0.0).rgb
-    stitched_plan = plan_tiles(edge_to_edge.shape, model.config, overlap=0.0)
+    stitched = stain_tiled(model, edge_to_edge, settings, overlap=0).rgb
+    stitched_plan = plan_tiles(edge_to_edge.shape, model.config, overlap=0)
     assert stitched_plan.cols == (0, 12, 24)
     stitched_ratios = seam_energy_ratio(stitched, stitched_plan)
     assert min(abs(r - 1.0) for r in stitched_ratios.values()) > 0.10
@@ -303,7 +305,7 @@ def test_writer_streams_the_same_image_to_ome_tiff(model, tmp_path):
     assert np.array_equal(tifffile.imread(tmp_path / "s_cv.ome.tif"), in_memory.cv)
     record = read_provenance(tmp_path / "s_cv.ome.tif")
     assert record["sampler"] == "fast" and record["network_call_times"] == [model.config.num_steps]
-    assert record["tile"] == [48, 48] and record["overlap"] == 0.25
+    assert record["tile"] == [48, 48] and record["overlap"] == 12
     assert record["dtype"] == "float32" and record == dict(in_memory.provenance, **record)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.ome.tif", "s_cv.ome.tif"]
     with pytest.raises(FileExistsError, match="already exists"):
@@ -360,3 +362,43 @@ def test_prepare_model_uses_channels_last_and_cpu_autocast_is_off():
         assert not torch.is_autocast_enabled("cpu")
     with pytest.raises(ValueError, match="precision"):
         autocast_context(torch.device("cpu"), "fp8")
+
+
+def test_first_call_runs_once_per_tile_and_changes_nothing(model, monkeypatch):
+    """x_T = y for every sample: the first network call is shared by a tile's N samples."""
+    af = smooth_af(24, 24)  # 3 x 3 tiles
+    settings = StainSettings(sampler="fast", steps=3, eta=0.0, samples=4, seed=2)
+    rows_seen = []
+    hook = model.unet.register_forward_hook(lambda m, args, out: rows_seen.append(len(out)))
+    try:
+        shared = stain_tiled(model, af, settings, batch_size=8)  # 2 tiles, then 1
+        plan = plan_tiles(af.shape, model.config)
+        # per tile: 1 shared first call + 2 more calls for each of the 4 samples
+        assert sum(rows_seen) == plan.count * (1 + 4 * 2)
+        original = type(model).denoiser
+        monkeypatch.setattr(type(model), "denoiser",
+                            lambda self, y, af=None, input_of_row=None: original(self, y, af))
+        rows_seen.clear()
+        unshared = stain_tiled(model, af, settings, batch_size=8)
+        assert sum(rows_seen) == plan.count * 4 * 3
+    finally:
+        hook.remove()
+    assert np.abs(shared.rgb.astype(int) - unshared.rgb).max() <= 1
+    np.testing.assert_allclose(shared.cv, unshared.cv, atol=1e-5)
+
+
+def test_batches_hold_whole_tiles_when_they_fit():
+    from napari_vstain.engine.tiling import _batch_length
+
+    def batches(pairs, batch, samples):
+        lengths, start = [], 0
+        while start < pairs:
+            lengths.append(_batch_length(pairs - start, start, batch, samples))
+            start += lengths[-1]
+        return lengths
+
+    assert batches(12, 8, 4) == [8, 4]  # 3 tiles of 4 samples: 2 tiles, then 1
+    assert batches(22, 16, 11) == [11, 11]
+    assert batches(20, 12, 4) == [12, 8]  # whole tiles, as even as tiles allow
+    assert batches(8, 3, 4) == [2, 2, 2, 2]  # a tile's 4 samples in 2 equal batches
+    assert batches(5, 8, 1) == [5]

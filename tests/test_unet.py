@@ -108,3 +108,128 @@ def test_local_model_round_trips_through_a_checkpoint(tmp_path):
     assert loaded.config.unet.norm == "pixel" and loaded.config.unet.attention_window == 3
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+# ---- the fast forms against the formulas they replaced ------------------------------------
+
+def _pixel_norm_reference(norm: PixelNorm, x: torch.Tensor) -> torch.Tensor:
+    """PixelNorm as first written: var_mean over the channels, then elementwise ops."""
+    h = x.float()
+    var, mean = torch.var_mean(h, dim=1, unbiased=False, keepdim=True)
+    h = (h - mean) * torch.rsqrt(var + norm.eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (h * norm.weight.view(shape) + norm.bias.view(shape)).type(x.dtype)
+
+
+def _neighbourhood_attention_reference(q, k, v, window: int) -> torch.Tensor:
+    """neighbourhood_attention as first written: unfold each pixel's window, then einsum."""
+    b, d, h, w = q.shape
+    pad = window // 2
+    keys = F.unfold(k, window, padding=pad).view(b, d, window * window, h * w)
+    values = F.unfold(v, window, padding=pad).view(b, d, window * window, h * w)
+    inside = F.unfold(torch.ones(1, 1, h, w, dtype=q.dtype), window,
+                      padding=pad).view(1, window * window, h * w) > 0
+    logits = torch.einsum("bdn,bdkn->bkn", q.reshape(b, d, h * w), keys) / d ** 0.5
+    weights = logits.masked_fill(~inside, float("-inf")).softmax(dim=1)
+    return torch.einsum("bkn,bdkn->bdn", weights, values).view(b, d, h, w)
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "channels_first", "flat"])
+def test_pixel_norm_equals_the_var_mean_formula(layout):
+    torch.manual_seed(4)
+    norm = PixelNorm(24)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    x = 1.5 + 3.0 * torch.randn(3, 24, 17, 9)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "flat":  # the attention block's (B, C, H*W) view of a channels_last tensor
+        x = x.contiguous(memory_format=torch.channels_last).reshape(3, 24, 17 * 9)
+    out = norm(x)
+    torch.testing.assert_close(out, _pixel_norm_reference(norm, x), atol=1e-6, rtol=1e-6)
+    assert out.stride() == x.stride()  # the layout the next layer gets is unchanged
+
+
+def test_pixel_norm_gradients_equal_the_var_mean_formula():
+    torch.manual_seed(5)
+    norm = PixelNorm(8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    grads = []
+    for forward in (norm, lambda h: _pixel_norm_reference(norm, h)):
+        norm.zero_grad()
+        x.grad = None
+        (forward(x) * torch.linspace(-1, 1, 6)).sum().backward()
+        grads.append((x.grad.clone(), norm.weight.grad.clone(), norm.bias.grad.clone()))
+    for fast, reference in zip(*grads):
+        torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window, size", [(5, (16, 16)), (3, (7, 12)), (5, (3, 4))])
+def test_neighbourhood_attention_equals_the_unfold_formula(window, size):
+    torch.manual_seed(6)
+    q, k, v = (3.0 * torch.randn(3, 4, 16, *size)).unbind(0)
+    for tensor in (q, k, v):
+        tensor.requires_grad_(True)
+    fast = neighbourhood_attention(q, k, v, window)
+    reference = _neighbourhood_attention_reference(q, k, v, window)
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    weights = torch.randn_like(fast)
+    fast_grads = torch.autograd.grad((fast * weights).sum(), (q, k, v))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    for a, b in zip(fast_grads, reference_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_demo_model_gives_what_the_old_formulas_gave(monkeypatch):
+    from napari_vstain.engine import unet as unet_module
+    from napari_vstain.engine.checkpoint import default_checkpoint
+    from napari_vstain.engine.devices import prepare_model
+
+    model = prepare_model(load_model(default_checkpoint()), "cpu", set_threads=False)
+    torch.manual_seed(7)
+    x = torch.randn(2, model.config.unet.in_channels, 64, 64).contiguous(
+        memory_format=torch.channels_last)
+    t = torch.tensor([40, 700])
+    with torch.no_grad():
+        fast = model.unet(x, t)
+        monkeypatch.setattr(PixelNorm, "forward", lambda self, h: _pixel_norm_reference(self, h))
+        monkeypatch.setattr(unet_module, "neighbourhood_attention",
+                            _neighbourhood_attention_reference)
+        reference = model.unet(x, t)
+    assert (fast - reference).abs().max() <= 1e-5
+
+
+def _global_attention_block():
+    from napari_vstain.engine.unet import AttentionBlock
+
+    torch.manual_seed(8)
+    block = AttentionBlock(32, num_heads=4, groups=8).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return block
+
+
+def test_global_attention_block_equals_the_per_head_formula():
+    block = _global_attention_block()
+    x = torch.randn(2, 32, 6, 10)
+    b, c, h, w = x.shape
+    with torch.no_grad():
+        qkv = block.qkv(block.norm(x.reshape(b, c, h * w)))
+        q, k, v = qkv.reshape(b * 4, 3 * c // 4, h * w).chunk(3, dim=1)
+        logits = torch.einsum("ndq,ndk->nqk", q, k) / (c // 4) ** 0.5
+        heads = torch.einsum("nqk,ndk->ndq", logits.softmax(-1), v).reshape(b, c, h * w)
+        expected = x + block.proj_out(heads).reshape(b, c, h, w)
+        torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_global_attention_reaches_the_fused_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    block = _global_attention_block()
+    x = torch.randn(1, 32, 8, 8)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):  # raises if unusable
+        fused = block(x)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
+        torch.testing.assert_close(fused, block(x), atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ import contextvars
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 from contextlib import contextmanager
@@ -33,8 +34,22 @@ from .errors import OutputError
 _OPEN = contextvars.ContextVar("napari_vstain_transaction", default=None)
 
 TEMP_SUFFIX = ".vstain-partial"
+# Outputs with these suffixes are folders (OME-Zarr containers), put in place whole like files.
+FOLDER_SUFFIXES = (".zarr",)
 LOCK_SUFFIX = ".vstain-lock"
 _HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
+def is_folder_output(path) -> bool:
+    return str(path).lower().rstrip("/").endswith(FOLDER_SUFFIXES)
+
+
+def _remove(path: Path) -> None:
+    """Remove a temporary: a file, or a folder output's whole tree."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _say(text: str) -> None:
@@ -96,6 +111,7 @@ class _Transaction:
         self.outputs, self.say = outputs, say
         self.owner = _owner()
         self.temporaries: dict = {}  # output -> temporary
+        self.obsolete: list = []  # removed once the result is in place
 
     def temporary(self, output) -> Path:
         """The temporary that stands for `output` until the transaction commits; write the
@@ -106,6 +122,12 @@ class _Transaction:
         if output not in self.temporaries:
             self.temporaries[output] = _temporary_name(output, "new", self.owner)
         return self.temporaries[output]
+
+    def remove_after_commit(self, path) -> None:
+        """Remove `path` (a file or folder the result was made from, such as the finished
+        blocks of a whole-slide run) once the result is in place; a run killed during its
+        commit has it removed by the next run, with the rest of its commit."""
+        self.obsolete.append(Path(os.path.abspath(path)))
 
     def scratch(self, output, label: str) -> Path:
         """A scratch file beside `output` (removed at the end, and by the next run after a
@@ -131,12 +153,7 @@ def _write_lock(output: Path, record: dict) -> None:
 
 def _roll_forward(moves: list) -> list:
     """Finish the renames of a commit that a killed run recorded: the whole new result."""
-    finished = []
-    for temporary, final in moves:
-        if Path(temporary).exists():
-            os.replace(temporary, final)
-            finished.append(str(final))
-    return finished
+    return [str(move[1]) for move in moves if _put_in_place(*move)]
 
 
 def _clear_stale(output: Path, say) -> None:
@@ -156,11 +173,14 @@ def _clear_stale(output: Path, say) -> None:
         finished = _roll_forward(record.get("commit") or [])
         if finished:
             say(f"Completed the result of a killed run: {', '.join(finished)}.")
+        if record.get("commit"):
+            for path in record.get("remove") or []:
+                _remove(Path(path))
         lock.unlink(missing_ok=True)
     stale = [p for p in output.parent.glob(f".{output.name}.*{TEMP_SUFFIX}")
              if not _is_alive(_owner_of_temporary(p))]
     for path in stale:
-        path.unlink(missing_ok=True)
+        _remove(path)
     if stale:
         say(f"Removed {len(stale)} temporary file(s) of killed runs beside {output}.")
 
@@ -168,7 +188,7 @@ def _clear_stale(output: Path, say) -> None:
 def check_places(outputs: Iterable) -> None:
     """Refuse, before any work, outputs that cannot be written where they are asked for."""
     for output in outputs:
-        check_place(output)
+        check_place(output, folder=is_folder_output(output))
 
 
 def check_place(output, option: Optional[str] = None, folder: bool = False) -> Path:
@@ -261,7 +281,7 @@ def result_transaction(outputs: Iterable, inputs: Iterable = (), overwrite: bool
         _commit(tx)
     finally:
         for temporary in tx.temporaries.values():
-            temporary.unlink(missing_ok=True)
+            _remove(temporary)
         for lock in locks:
             lock.unlink(missing_ok=True)
 
@@ -278,14 +298,33 @@ def _commit(tx: _Transaction) -> None:
     moves = []
     for output in tx.outputs:
         temporary = tx.temporaries[output]
+        if temporary.is_dir():
+            # a rename does not replace a folder: the old one is first moved aside (into a
+            # temporary of this run, removed afterwards)
+            moves.append([str(temporary), str(output), str(tx.scratch(output, "old"))])
+            continue
         os.chmod(temporary, 0o666 & ~umask)  # the usual mode of a new file
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())  # on disk before the renames are recorded
         moves.append([str(temporary), str(output)])
     for output in tx.outputs:
-        _write_lock(output, {"owner": tx.owner, "commit": moves})
-    for temporary, output in moves:
-        os.replace(temporary, output)
+        _write_lock(output, {"owner": tx.owner, "commit": moves,
+                             "remove": [str(p) for p in tx.obsolete]})
+    for move in moves:
+        _put_in_place(*move)
+    for path in tx.obsolete:
+        _remove(path)
+
+
+def _put_in_place(temporary, final, aside=None) -> bool:
+    """Rename `temporary` to `final` if it is still there (a folder output's old tree moved to
+    `aside` first). Returns whether it moved."""
+    if not Path(temporary).exists():
+        return False
+    if aside is not None and Path(final).exists():
+        os.replace(final, aside)
+    os.replace(temporary, final)
+    return True
 
 
 def atomic_write(path, write: Callable[[Path], object], overwrite: bool = False,

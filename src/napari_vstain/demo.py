@@ -48,6 +48,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE,
                         help=f"H&E size of the simulated sample in px (default {DEFAULT_SIZE})")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    from .threads import add_threads_argument
+
+    add_threads_argument(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="write into --out even if it holds files (replacing them)")
 
@@ -249,6 +252,10 @@ def _write_figure(path: Path, preview, stained, cv, cv_limit: float, target, met
 
 
 def run_cli(args) -> int:
+    from .engine.devices import use_threads
+
+    # Here, not in run_demo: the thread count is the process's, which napari and tests share.
+    use_threads(args.threads, "vstain demo")
     out = output_folder(args.out, args.overwrite)
     run_demo(out, checkpoint=args.checkpoint, seed=args.seed, samples=args.samples,
              steps=args.steps, size=args.size, device=args.device, overwrite=args.overwrite)

@@ -105,6 +105,9 @@ def configure_cli(parser) -> None:
                         "--register` does for training")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    from .threads import add_threads_argument
+
+    add_threads_argument(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for results.json "
                         "and results.md")
     parser.add_argument("--overwrite", action="store_true", help="replace existing results")
@@ -147,8 +150,9 @@ def run_cli(args) -> int:
     from .baselines.cgan import load_cgan
     from .data.pairs import load_pairs
     from .engine.checkpoint import default_checkpoint, load_model
-    from .engine.devices import describe_device, resolve_device
+    from .engine.devices import describe_device, resolve_device, use_threads
 
+    threads = use_threads(args.threads, "vstain evaluate")
     out = Path(args.out)
     if not args.overwrite:
         for name in (RESULTS_JSON, RESULTS_MD):
@@ -189,7 +193,8 @@ def run_cli(args) -> int:
         results["variance_from"] = str(args.variance_from)
     context = {"command": command_line(args), "data": data_text, "version": __version__,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "platform": describe_device(device), "seconds": round(time.time() - start, 1)}
+               "platform": describe_device(device), "threads": threads.describe(),
+               "seconds": round(time.time() - start, 1)}
     json_path, md_path = write_results(results, out, context, overwrite=args.overwrite)
     print(markdown_report(results, context))
     print(f"Wrote {json_path} and {md_path}")

@@ -111,7 +111,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--max-minutes", type=float, help="stop after this long, with a "
                           "checkpoint and the final model")
     training.add_argument("--device", help=f"auto, cpu, cuda or mps (default {settings.device})")
-    training.add_argument("--threads", type=int, help="torch CPU threads")
+    from .threads import add_threads_argument
+
+    add_threads_argument(training)
 
     model = parser.add_argument_group("model (overrides the config file)")
     model.add_argument("--factor", type=int, help="super-resolution factor k "

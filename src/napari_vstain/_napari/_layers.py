@@ -123,9 +123,10 @@ def is_rgb_image(layer) -> bool:
 
 
 def is_single_or_multichannel_image(layer) -> bool:
-    """Image layers that can serve as AF input: not RGB, 2-D (one channel) or 3-D (C, Y, X)."""
+    """Image layers that can serve as AF input: not RGB, 2-D (one channel) or 3-D (C, Y, X);
+    multiscale (whole-slide) layers too, which the docks read region by region."""
     return (layer.__class__.__name__ == "Image" and not getattr(layer, "rgb", False)
-            and not getattr(layer, "multiscale", False) and layer.ndim in (2, 3))
+            and layer.ndim in (2, 3))
 
 
 def layer_array(layer) -> np.ndarray:

@@ -2,6 +2,11 @@
 part in view), run the engine's tiled staining as a generator (one yield per network call),
 time one network call for the estimate shown before Run, and turn the result into layers.
 
+A multiscale (whole-slide, dask-backed) layer is never read whole: its shape and channels are
+checked without reading pixels, "Stain current view" reads only the region in view (from
+level 0), and the normalisation statistics are the slide's by data.slide.slide_statistics,
+the rule `vstain stain` uses (a large slide is sampled, never read whole).
+
 The engine reports progress through one callback type (napari_vstain.progress);
 `stain_steps` turns it into a generator of reports, so a napari thread_worker can drive it,
 update a progress bar per network call and stop it at the next call on cancel.
@@ -27,6 +32,10 @@ from ._layers import (CHANNEL_NAMES, LAYER_ID, LINKS, PIXEL_SIZE, PROVENANCE, RO
 _ENGINE_LOCK = threading.Lock()
 MICROMETRE = "µm"
 ROLES = ("stained", "cv", "samples")
+# Statistics of multiscale inputs (view_statistics): (layer id, level 0, config) -> (level 0,
+# config, statistics) for the last few slides.
+_SLIDE_STATISTICS: dict = {}
+SLIDE_STATISTICS_KEPT = 4
 
 
 @dataclass
@@ -34,7 +43,7 @@ class AFInput:
     """The AF image gathered from one (C, Y, X) layer or several 2-D layers; with `region`
     set, only that part of it (the current view)."""
 
-    data: np.ndarray  # (C, Y, X) float32
+    data: np.ndarray  # (C, Y, X) float32 (a whole multiscale input: level 0, read lazily)
     layer_names: list
     channel_names: list
     scale: tuple  # (y, x) of the input layers
@@ -44,6 +53,7 @@ class AFInput:
     units: Optional[tuple] = None  # the input layers' (y, x) units, as names
     region: Optional[tuple] = None  # (y0, x0, y1, x1) of the input's pixels; None: all of it
     whole: Optional[np.ndarray] = None  # with a region: the whole input (C, Y, X)
+    lazy: Optional[object] = None  # a multiscale input: its data.slide.LazyAF (not read whole)
 
     @property
     def base_name(self) -> str:
@@ -61,28 +71,43 @@ def _units_of(layer) -> Optional[tuple]:
     return None if units is None else tuple(str(u) for u in units[-2:])
 
 
+def _channel_names(layer, channels: int) -> list:
+    """The layer's channel names (metadata), or names made from the layer's name."""
+    names = list(layer.metadata.get(CHANNEL_NAMES) or [])
+    if len(names) == channels:
+        return names
+    return [f"{layer.name} {i + 1}" for i in range(channels)] if channels > 1 else [layer.name]
+
+
+def is_multiscale(layer) -> bool:
+    return bool(getattr(layer, "multiscale", False))
+
+
 def af_from_layers(layers: Sequence, expected_channels: Optional[int]) -> AFInput:
     """One (C, Y, X) or 2-D layer, or several 2-D layers stacked in the given order, checked
     by data.io.validate_af (channel count, size, finite values). Several layers must have
-    the same shape and placement."""
+    the same shape and placement. A multiscale layer is opened lazily (nothing is read:
+    `lazy_af_input`)."""
     from ..data.io import validate_af
     from ..errors import InputError
 
     if not layers:
         raise InputError("Choose the AF input: one multi-channel (C, Y, X) image layer, or "
                          "several single-channel layers (one per channel).")
+    if len(layers) == 1 and is_multiscale(layers[0]):
+        return lazy_af_input(layers[0], expected_channels)
     if len(layers) == 1:
         layer = layers[0]
         array = layer_array(layer)
         axes = "CYX" if array.ndim == 3 else None
         data = validate_af(array, expected_channels, name=f"Layer {layer.name!r}", axes=axes)
-        names = list(layer.metadata.get(CHANNEL_NAMES) or [])
-        if len(names) != data.shape[0]:
-            names = [f"{layer.name} {i + 1}" for i in range(data.shape[0])] \
-                if data.shape[0] > 1 else [layer.name]
+        names = _channel_names(layer, data.shape[0])
     else:
         first = layers[0]
         for layer in layers:
+            if is_multiscale(layer):
+                raise InputError(f"Layer {layer.name!r} is a whole-slide (multiscale) image; "
+                                 "choose it alone, as one (C, Y, X) input.")
             if layer_array(layer).ndim != 2:
                 raise InputError(f"Layer {layer.name!r} is not a single-channel image; to "
                                  "stack channels choose only 2-D layers, or choose one "
@@ -106,9 +131,40 @@ def af_from_layers(layers: Sequence, expected_channels: Optional[int]) -> AFInpu
                    units=_units_of(first))
 
 
+def lazy_af_input(layer, expected_channels: Optional[int]) -> AFInput:
+    """A multiscale layer (its data a list of levels, level 0 first, e.g. dask arrays) as
+    AF input, without reading its pixels: the channel count and size are checked from level
+    0's shape and type (data.slide.lazy_af_from_levels, as files opened lazily are checked).
+    Only `crop_to_view` reads pixels (the region in view); a 3-D level is (C, Y, X)."""
+    from ..data.slide import lazy_af_from_levels
+
+    levels = list(layer.data)
+    source = getattr(layer.source, "path", None) or f"Layer {layer.name!r}"
+    lazy = lazy_af_from_levels(levels, f"Layer {layer.name!r}", expected_channels,
+                               axes="CYX" if levels[0].ndim == 3 else None, source=str(source))
+    return AFInput(data=lazy.levels[0], layer_names=[layer.name],
+                   channel_names=_channel_names(layer, lazy.shape[0]),
+                   scale=yx_scale(layer), translate=yx_translate(layer),
+                   pixel_size=pixel_size(layer), layer_ids=[layer_id(layer)],
+                   units=_units_of(layer), lazy=lazy)
+
+
+def refuse_whole_slide(af: AFInput) -> None:
+    """InputError for staining all of a multiscale input at once (it would be read whole
+    into memory): the view, or the whole-slide dock, is the way."""
+    from ..errors import InputError
+
+    if af.lazy is not None and af.region is None:
+        raise InputError(f"{af.base_name!r} is a whole-slide (multiscale) image, too large to "
+                         "stain in memory: press 'Stain current view' to stain the part on "
+                         "screen, or use the 'Stain whole slide' dock to write all of it to "
+                         "an OME-Zarr.")
+
+
 def crop_to_view(af: AFInput, box: tuple) -> AFInput:
     """The part `box` = (y0, x0, y1, x1) (input pixels, end exclusive) of the AF input,
-    placed where it lies in the input; it keeps the whole input for the normalisation."""
+    placed where it lies in the input; it keeps the whole input for the normalisation (a
+    multiscale input: only the part is read here; see view_statistics)."""
     from ..data.io import validate_af
     from ..errors import InputError
 
@@ -117,12 +173,40 @@ def crop_to_view(af: AFInput, box: tuple) -> AFInput:
         raise InputError(f"The current view shows no part of {af.base_name!r}; pan or zoom "
                          "onto it first.")
     name = f"The part of {af.base_name!r} in view"
-    data = validate_af(af.data[:, y0:y1, x0:x1], af.data.shape[0], name=name, axes="CYX")
+    part = af.data[:, y0:y1, x0:x1] if af.lazy is None \
+        else af.lazy.read(y0, x0, y1 - y0, x1 - x0)
+    data = validate_af(part, af.data.shape[0], name=name, axes="CYX")
     translate = tuple(t + s * o for t, s, o in zip(af.translate, af.scale, (y0, x0)))
     return AFInput(data=data, layer_names=af.layer_names, channel_names=af.channel_names,
                    scale=af.scale, translate=translate, pixel_size=af.pixel_size,
                    layer_ids=af.layer_ids, units=af.units, region=(y0, x0, y1, x1),
-                   whole=af.data)
+                   whole=af.data if af.lazy is None else None, lazy=af.lazy)
+
+
+def view_statistics(af: AFInput, config) -> Optional[dict]:
+    """The whole input's normalisation statistics for a view (None for a whole input: the
+    engine takes its own): af_statistics of the whole in-memory input, or, for a
+    multiscale input, data.slide.slide_statistics (`vstain stain`'s rule for slides),
+    remembered per layer data and model config: a large slide's take one pass over its
+    level 0, so only the first view of it waits for them."""
+    if af.lazy is not None:
+        from ..data.slide import slide_statistics
+
+        level0 = af.lazy.levels[0].raw  # the layer's own array: new data, new statistics
+        key = (af.layer_ids[0], id(level0), id(config))
+        kept = _SLIDE_STATISTICS.get(key)
+        if kept is not None and kept[0] is level0 and kept[1] is config:
+            return kept[2]
+        stats = slide_statistics(af.lazy, config)
+        _SLIDE_STATISTICS[key] = (level0, config, stats)
+        while len(_SLIDE_STATISTICS) > SLIDE_STATISTICS_KEPT:
+            del _SLIDE_STATISTICS[next(iter(_SLIDE_STATISTICS))]  # the oldest
+        return stats
+    if af.whole is not None:
+        from ..engine.model import af_statistics
+
+        return af_statistics(af.whole, config)
+    return None
 
 
 @dataclass
@@ -152,13 +236,11 @@ def stain_steps(job: StainJob, cancel: threading.Event):
     """Generator: yields (done, total) network calls, returns the StainResult (with the N
     samples kept). Setting `cancel` makes the engine stop at its next network call. A view
     is normalised with the whole input's statistics, so it is stained as in the whole."""
-    from ..engine.model import af_statistics
     from ..engine.tiling import stain_tiled
     from ..progress import progress_reports
 
     def work(callback):
-        stats = None if job.af.whole is None else af_statistics(job.af.whole,
-                                                                job.model.config)
+        stats = view_statistics(job.af, job.model.config)
         return stain_tiled(job.model, job.af.data, job.settings, tile=job.tile,
                            callback=callback, device=job.device, keep_samples=True,
                            af_stats=stats)

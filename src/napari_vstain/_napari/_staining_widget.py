@@ -31,7 +31,8 @@ from ._layers import (LAYER_ID, ROLE, data_box, find_layer, is_single_or_multich
                       layer_id, visible_world_box)
 from ._staining import (ROLES, ShownResult, StainJob, af_from_layers, crop_to_view,
                         cv_display_range, dock_wording, estimate_seconds, finished_run,
-                        format_duration, new_layer_ids, output_layer_data, stain_steps)
+                        format_duration, new_layer_ids, output_layer_data, refuse_whole_slide,
+                        stain_steps)
 
 CV_COLORMAPS = ("magma", "viridis", "inferno", "turbo", "gray")
 MAX_SAMPLES = 64
@@ -142,6 +143,19 @@ class RunState(enum.Enum):
     CANCELLING = "cancelling"  # Cancel pressed: the run stops at its next network call
     RETURNED = "returned"  # the result arrived; the worker is finishing
     FAILED = "failed"  # the run raised; the worker is finishing
+
+
+def end_run(dock) -> str:
+    """A dock's run has ended (its worker finished): close the progress bar, forget the
+    worker, make the dock idle; returns the outcome: "done", "cancelled" or "error"."""
+    if dock._progress_bar is not None:
+        dock._progress_bar.close()
+        dock._progress_bar = None
+    dock._worker = None
+    outcome = {RunState.CANCELLING: "cancelled", RunState.FAILED: "error"}.get(dock.state,
+                                                                             "done")
+    dock.state = RunState.IDLE
+    return outcome
 
 
 class StainingWidget(ScrollingDock):
@@ -615,17 +629,30 @@ class StainingWidget(ScrollingDock):
         else:
             self.run()
 
-    def make_job(self, view: bool = False) -> StainJob:
-        """Read and check the controls and the input layers (ValueError with a sentence);
-        view: only the part of the input shown on the canvas."""
+    def chosen_model(self) -> tuple:
+        """(model, checkpoint path, settings checked against the model, torch device, tile
+        or None) as the controls show them; the "Stain whole slide" dock stains with these.
+        ValueError (a sentence) when no model is loaded or a setting does not fit it."""
         from ..engine.checkpoint import CheckpointError
-        from ..engine.devices import describe_device, resolve_device
+        from ..engine.devices import resolve_device
         from ..engine.tiling import check_tile
 
         if self.model is None:
             raise CheckpointError("No model is loaded; choose a checkpoint (.safetensors) "
                                   "first.")
         config = self.model.config
+        settings = self.settings().validate(config.num_steps)
+        tile = check_tile(config, self._tile.value) if self._tile.value else None
+        return self.model, self._model_path, settings, resolve_device(self._device.value), tile
+
+    def make_job(self, view: bool = False) -> StainJob:
+        """Read and check the controls and the input layers (ValueError with a sentence);
+        view: only the part of the input shown on the canvas (a multiscale input is only
+        stained so: the whole of it is refused)."""
+        from ..engine.devices import describe_device
+
+        model, checkpoint, settings, device, tile = self.chosen_model()
+        config = model.config
         names = list(self._inputs.value or [])
         missing = [n for n in names if n not in self._viewer.layers]
         if missing:
@@ -635,12 +662,9 @@ class StainingWidget(ScrollingDock):
         af = af_from_layers(layers, config.af_channels)
         if view:
             af = crop_to_view(af, self._view_box(layers[0]))
-        settings = self.settings().validate(config.num_steps)
-        tile = check_tile(config, self._tile.value) if self._tile.value else None
-        device = resolve_device(self._device.value)
-        return StainJob(model=self.model, af=af, settings=settings, tile=tile, device=device,
-                        device_description=describe_device(device),
-                        checkpoint=str(self._model_path))
+        refuse_whole_slide(af)
+        return StainJob(model=model, af=af, settings=settings, tile=tile, device=device,
+                        device_description=describe_device(device), checkpoint=str(checkpoint))
 
     def _view_box(self, layer) -> tuple:
         """(y0, x0, y1, x1): the pixels of `layer` on the canvas now."""
@@ -799,13 +823,7 @@ class StainingWidget(ScrollingDock):
         self.state = RunState.CANCELLING
 
     def _on_finished(self):
-        if self._progress_bar is not None:
-            self._progress_bar.close()
-            self._progress_bar = None
-        self._worker = None
-        outcome = {RunState.CANCELLING: "cancelled", RunState.FAILED: "error"}.get(self.state,
-                                                                                 "done")
-        self.state = RunState.IDLE
+        outcome = end_run(self)
         if not self._closed:
             self._clock.stop()
             self._run_button.text = "Run"

@@ -417,17 +417,17 @@ def configure_cli(parser) -> None:
                         f"(default {config.depth})")
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    from ..threads import add_threads_argument
+
+    add_threads_argument(parser)
     parser.add_argument("--out", required=True, metavar="CGAN.safetensors",
                         help="checkpoint to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
 
 
 def run_cli(args) -> int:
-    import torch
-
     from ..engine.config import ConfigFieldError
-    from ..engine.devices import resolve_device
+    from ..engine.devices import resolve_device, use_threads
     from ..training.data import load_training_data
     from ..training.settings import SIMULATED_TISSUES, TrainSettings
 
@@ -437,10 +437,7 @@ def run_cli(args) -> int:
                               "--overwrite.")
     if out.suffix != ".safetensors":
         raise ValueError(f"--out must end in .safetensors; got {out.name}.")
-    if args.threads is not None:
-        if not 1 <= args.threads <= 1024:
-            raise ValueError(f"--threads must be from 1 to 1,024; got {args.threads}.")
-        torch.set_num_threads(int(args.threads))
+    use_threads(args.threads, "vstain train-cgan")
     like = settings_like(args.like) if args.like else {}
     if args.data or args.simulate:  # an explicit data source replaces the checkpoint's
         like = dict(like, data=args.data, simulate=[])

@@ -18,6 +18,7 @@ import os
 import stat
 import struct
 import xml.etree.ElementTree as ElementTree
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -110,12 +111,7 @@ def validate_af(array, expected_channels: Optional[int] = None, name: str = "AF 
     array = _numeric_array(array, name)
     cyx = _to_channels_first(array, axes, name, expected_channels, min_size)
     _check_size(cyx.shape[1:], name, min_size)
-    channels = cyx.shape[0]
-    if expected_channels is not None and channels != expected_channels:
-        raise InputError(
-            f"{name} has {channels} channel{'s' if channels != 1 else ''}, but the model needs "
-            f"{expected_channels} AF channels. Give an image with {expected_channels} channels, "
-            "in the same order as the images the model was trained on.")
+    _check_channel_count(cyx.shape[0], expected_channels, name)
     data = np.ascontiguousarray(cyx, dtype=np.float32)
     _check_finite(data, name)
     return data
@@ -291,28 +287,15 @@ class _LoggedProblems(logging.Handler):
 _DAMAGE_WORDS = ("offset", "corrupt", "reshape", "truncat")
 
 
-def _read_tiff(path: Path) -> _TiffContents:
-    """The first series of a TIFF with its metadata; InputError for damaged or cut-off files
-    and for images larger than the memory available (refused from the header, before
-    decoding)."""
+@contextmanager
+def tiff_damage_check(path: Path):
+    """Around reading a TIFF: what tifffile logs about a cut-off or inconsistent file (it
+    logs and carries on, reading fewer pages) becomes one InputError when the block ends."""
     problems = _LoggedProblems()
     logger = logging.getLogger("tifffile")
     logger.addHandler(problems)
     try:
-        with _open_tiff(path) as tif:
-            series = _first_series(tif, path)
-            planes = _same_shape_plane_series(tif)
-            check_fits_in_memory(path, [(s.shape, s.dtype)
-                                        for s in (planes if len(planes) > 1 else [series])])
-            if len(planes) > 1:  # one 2-D series per channel (separate writes, no metadata)
-                array = np.stack([_read_series(plane, path) for plane in planes])
-                axes = "I" + series.axes.upper()
-            else:
-                array, axes = _read_series(series, path), series.axes.upper()
-            contents = _TiffContents(
-                array=array, axes=axes,
-                has_axes_metadata=series.kind.lower() in ("ome", "imagej"),
-                pixel_size=_tiff_pixel_size(tif), channel_names=_tiff_channel_names(tif))
+        yield
     finally:
         logger.removeHandler(problems)
     damage = [m for m in problems.messages if any(w in m.lower() for w in _DAMAGE_WORDS)]
@@ -322,7 +305,26 @@ def _read_tiff(path: Path) -> _TiffContents:
         if hasattr(error, "add_note"):  # shown with the traceback (vstain --debug)
             error.add_note(f"tifffile: {damage[0]}")
         raise error
-    return contents
+
+
+def _read_tiff(path: Path) -> _TiffContents:
+    """The first series of a TIFF with its metadata; InputError for damaged or cut-off files
+    and for images larger than the memory available (refused from the header, before
+    decoding)."""
+    with tiff_damage_check(path), _open_tiff(path) as tif:
+        series = _first_series(tif, path)
+        planes = _same_shape_plane_series(tif)
+        check_fits_in_memory(path, [(s.shape, s.dtype)
+                                    for s in (planes if len(planes) > 1 else [series])])
+        if len(planes) > 1:  # one 2-D series per channel (separate writes, no metadata)
+            array = np.stack([_read_series(plane, path) for plane in planes])
+            axes = "I" + series.axes.upper()
+        else:
+            array, axes = _read_series(series, path), series.axes.upper()
+        return _TiffContents(
+            array=array, axes=axes,
+            has_axes_metadata=series.kind.lower() in ("ome", "imagej"),
+            pixel_size=_tiff_pixel_size(tif), channel_names=_tiff_channel_names(tif))
 
 
 def available_memory() -> Optional[int]:
@@ -357,9 +359,10 @@ def check_fits_in_memory(path: Path, arrays: Sequence[tuple]) -> None:
     raise InputError(
         f"{path} holds a {shape} image ({np.dtype(dtype).name}) that needs "
         f"{format_bytes(decoded)} of memory decoded, more than the {format_bytes(available)} "
-        "available; napari-vstain reads whole images, so an image this large must be read "
-        "region by region (a lazy whole-slide reader is planned): crop it into regions (e.g. "
-        "in QuPath or Fiji) and give each region.")
+        "available; this step reads whole images, so an image this large must be read "
+        "region by region: `vstain stain` does that for AF slides (any size, to OME-Zarr), "
+        "and napari opens pyramidal OME-TIFF or OME-Zarr lazily; otherwise crop it into "
+        "regions (e.g. in QuPath or Fiji) and give each region.")
 
 
 def _same_shape_plane_series(tif) -> list:
@@ -463,12 +466,28 @@ def _numeric_array(array, name: str) -> np.ndarray:
     array = np.asarray(array)
     if array.dtype == bool:
         array = array.astype(np.uint8)
-    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
-        raise InputError(f"{name} has pixel type {array.dtype}; napari-vstain reads integer or "
-                         "floating-point images.")
-    if array.size == 0:
-        raise InputError(f"{name} is empty (shape {array.shape}).")
+    _check_pixel_type(array.dtype, array.shape, name)
     return array
+
+
+def _check_pixel_type(dtype, shape: tuple, name: str) -> None:
+    """InputError unless the pixels are integers, floats or booleans and there are some
+    (from the type and shape alone, so a lazily read image is checked without reading it)."""
+    dtype = np.dtype(dtype)
+    if dtype != bool and not (np.issubdtype(dtype, np.integer)
+                              or np.issubdtype(dtype, np.floating)):
+        raise InputError(f"{name} has pixel type {dtype}; napari-vstain reads integer or "
+                         "floating-point images.")
+    if int(np.prod(shape)) == 0:
+        raise InputError(f"{name} is empty (shape {tuple(shape)}).")
+
+
+def _check_channel_count(channels: int, expected_channels: Optional[int], name: str) -> None:
+    if expected_channels is not None and channels != expected_channels:
+        raise InputError(
+            f"{name} has {channels} channel{'s' if channels != 1 else ''}, but the model needs "
+            f"{expected_channels} AF channels. Give an image with {expected_channels} channels, "
+            "in the same order as the images the model was trained on.")
 
 
 def _apply_selection(array: np.ndarray, axes: str, select: Optional[dict], path: Path):
@@ -497,46 +516,62 @@ _EXTRA_AXIS_NAMES = {"Z": "a z-stack", "T": "a time series", "R": "a tiled (mosa
 def _to_channels_first(array: np.ndarray, axes: Optional[str], name: str,
                        expected_channels: Optional[int], min_size: int) -> np.ndarray:
     """Move the channel axis first; refuse extra axes (z, time) with a clear message."""
-    if axes is not None:
-        if len(axes) != array.ndim or "Y" not in axes or "X" not in axes:
-            axes = None  # metadata that does not describe the array: go by the shape
-        else:  # drop length-1 axes other than Y and X, with their letters
-            keep = [size > 1 or letter in "YX" for letter, size in zip(axes, array.shape)]
-            axes = "".join(letter for letter, kept in zip(axes, keep) if kept)
-            array = array.reshape([size for size, kept in zip(array.shape, keep) if kept])
+    channel, y, x = _channel_yx_axes(array.shape, axes, name, expected_channels, min_size)
+    index = tuple(slice(None) if i in (channel, y, x) else 0 for i in range(array.ndim))
+    kept = [i for i in range(array.ndim) if i in (channel, y, x)]
+    cyx = np.transpose(array[index], [kept.index(i) for i in (channel, y, x) if i is not None])
+    return cyx if channel is not None else cyx[np.newaxis]
+
+
+def _channel_yx_axes(shape: Sequence[int], axes: Optional[str], name: str,
+                     expected_channels: Optional[int], min_size: int) -> tuple:
+    """(channel, y, x): the positions in `shape` of the channel axis (None: one channel),
+    the height and the width; every other axis has length 1. From the shape alone, so that
+    lazily read images (data.slide) are laid out exactly like images read whole. `axes`:
+    axis letters from metadata, or None to go by the shape. Refuses extra axes (z, time)
+    with a clear message."""
+    shape = tuple(int(size) for size in shape)
+    if axes is not None and (len(axes) != len(shape) or "Y" not in axes or "X" not in axes):
+        axes = None  # metadata that does not describe the array: go by the shape
     if axes is None:
-        array = np.squeeze(array)
-        if array.ndim < 2:
-            raise InputError(f"{name} has shape {array.shape}; an image needs height and "
+        kept = [i for i, size in enumerate(shape) if size != 1]
+        squeezed = tuple(shape[i] for i in kept)
+        if len(squeezed) < 2:
+            raise InputError(f"{name} has shape {squeezed}; an image needs height and "
                              "width.")
-        return _channels_first_from_shape(array, name, expected_channels, min_size)
-    channel_axes = [i for i, letter in enumerate(axes) if letter in "CSE"]
-    unlabelled = [i for i, letter in enumerate(axes) if letter in "IQ"]
-    if not channel_axes and len(unlabelled) == 1 \
-            and array.shape[unlabelled[0]] <= MAX_CHANNELS_GUESS:
+        channel, y, x = _channel_yx_from_shape(squeezed, name, expected_channels, min_size)
+        return (None if channel is None else kept[channel], kept[y], kept[x])
+    # drop length-1 axes other than Y and X, with their letters
+    kept = [i for i, (letter, size) in enumerate(zip(axes, shape)) if size > 1 or letter in "YX"]
+    letters = "".join(axes[i] for i in kept)
+    sizes = tuple(shape[i] for i in kept)
+    channel_axes = [i for i, letter in enumerate(letters) if letter in "CSE"]
+    unlabelled = [i for i, letter in enumerate(letters) if letter in "IQ"]
+    if not channel_axes and len(unlabelled) == 1 and sizes[unlabelled[0]] <= MAX_CHANNELS_GUESS:
         channel_axes = unlabelled  # one page per channel, without an axis label
-    extra = [i for i, letter in enumerate(axes)
+    extra = [i for i, letter in enumerate(letters)
              if letter not in "YX" and i not in channel_axes]
     if extra:
-        raise _extra_axis_error(name, array.shape, axes, extra[0])
+        raise _extra_axis_error(name, sizes, letters, extra[0])
     if len(channel_axes) > 1:
-        raise InputError(f"{name} has several channel-like axes ({axes}, shape {array.shape}); "
+        raise InputError(f"{name} has several channel-like axes ({letters}, shape {sizes}); "
                          "save it with one channel axis besides height and width.")
-    order = channel_axes + [axes.index("Y"), axes.index("X")]
-    cyx = np.transpose(array, order)
-    return cyx if channel_axes else cyx[np.newaxis]
+    channel = kept[channel_axes[0]] if channel_axes else None
+    return (channel, kept[letters.index("Y")], kept[letters.index("X")])
 
 
-def _channels_first_from_shape(array: np.ndarray, name: str,
-                               expected_channels: Optional[int], min_size: int) -> np.ndarray:
-    if array.ndim == 2:
-        return array[np.newaxis]
-    if array.ndim > 3:
+def _channel_yx_from_shape(shape: tuple, name: str, expected_channels: Optional[int],
+                           min_size: int) -> tuple:
+    """(channel, y, x) positions for a shape without length-1 axes and without axis
+    metadata: 2-D is one channel, 3-D has its channel axis first or last."""
+    if len(shape) == 2:
+        return (None, 0, 1)
+    if len(shape) > 3:
         raise InputError(
-            f"{name} has shape {array.shape} without axis metadata: more axes than channels, "
+            f"{name} has shape {shape} without axis metadata: more axes than channels, "
             "height and width (a z-stack or time series?). napari-vstain stains one 2-D plane: "
             "save a single plane as a (channels, height, width) stack.")
-    first, last = array.shape[0], array.shape[-1]
+    first, last = shape[0], shape[-1]
     first_small, last_small = first <= MAX_CHANNELS_GUESS, last <= MAX_CHANNELS_GUESS
     if first_small and last_small:
         # Both ends could be channels: prefer the reading with the expected channel count,
@@ -545,21 +580,21 @@ def _channels_first_from_shape(array: np.ndarray, name: str,
                 and (first == expected_channels) != (last == expected_channels):
             first_small, last_small = first == expected_channels, last == expected_channels
         else:
-            middle = array.shape[1]
+            middle = shape[1]
             first_fits = min(middle, last) >= min_size
             last_fits = min(first, middle) >= min_size
             if not first_fits and not last_fits:
-                _check_size(array.shape[1:], name, min_size)
+                _check_size(shape[1:], name, min_size)
             first_small, last_small = first_fits, last_fits
     if first_small and not last_small:
-        return array
+        return (0, 1, 2)
     if last_small and not first_small:
-        return np.moveaxis(array, -1, 0)
+        return (2, 0, 1)
     if first_small and last_small:
-        raise InputError(f"{name} has shape {array.shape}: the channel axis cannot be told from "
+        raise InputError(f"{name} has shape {shape}: the channel axis cannot be told from "
                          "the shape. Save it as an OME-TIFF or ImageJ TIFF with axes metadata.")
     raise InputError(
-        f"{name} has shape {array.shape}: {first} planes, more than the {MAX_CHANNELS_GUESS} "
+        f"{name} has shape {shape}: {first} planes, more than the {MAX_CHANNELS_GUESS} "
         "channels an AF stack can have here, so it looks like a z-stack or time series. "
         "napari-vstain stains one 2-D plane: save a single plane, or save the file with OME or "
         "ImageJ axis metadata.")

@@ -18,6 +18,18 @@ import numpy as np
 if TYPE_CHECKING:
     from .bridge import BridgeSchedule
 
+# Tiles (engine/tiling.py; here so that `vstain stain --help` shows them without torch).
+# Pixels (target) that neighbouring tiles share: a fixed width, not a fraction of the tile,
+# since the blending needs a few receptive fields of context whatever the tile size.
+DEFAULT_OVERLAP = 32
+# The largest default tile of a local U-Net (target pixels): big tiles waste little compute on
+# overlap (about 1.15x the output pixels at 512 px with 32 px of overlap, against 1.6-2.3x
+# for 128 px tiles with 25 % overlap).
+LOCAL_TILE_PX = 512
+# AF normalisation statistics use at most this many pixels per channel (an even stride over
+# the image; plenty for percentiles). engine/model.af_statistics and data/slide agree on it.
+AF_STATISTICS_SAMPLE = 4_000_000
+
 OBJECTIVES = ("grad", "noise", "ysubx")
 LOSSES = ("l1", "l2")
 NORMS = ("group", "pixel")

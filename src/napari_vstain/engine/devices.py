@@ -2,9 +2,9 @@
 describe it for logs and provenance, and set it up for speed.
 
 CUDA: bf16 autocast (where the card supports it), channels_last memory layout and, on request,
-torch.compile. CPU: channels_last and one thread per physical core (unless OMP_NUM_THREADS or
-an earlier torch.set_num_threads call already chose). Unknown or unavailable devices raise a
-ValueError whose message says what is available.
+torch.compile. CPU: channels_last and the thread count of threads.choose_threads (the cores
+other programs leave free; OMP_NUM_THREADS wins when set). Unknown or unavailable devices
+raise a ValueError whose message says what is available.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import sys
+from typing import Optional
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 
@@ -19,6 +21,15 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 def _mps_available(torch) -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
+
+
+def device_name(name="auto") -> str:
+    """A device name checked for spelling only ('auto', 'cpu', 'mps', 'cuda', 'cuda:N'), for
+    work that runs elsewhere (the workers of a cluster resolve it on their own machines)."""
+    text = str(name if name is not None else "auto").strip().lower()
+    if not re.fullmatch(r"auto|cpu|mps|cuda(?::\d+)?", text):
+        raise ValueError(f"Unknown device {name!r}; choose one of {', '.join(DEVICE_CHOICES)}.")
+    return text
 
 
 def resolve_device(name="auto"):
@@ -59,15 +70,31 @@ def resolve_device(name="auto"):
 
 def physical_cores() -> int:
     """Physical CPU cores (hyper-threads share one core's arithmetic units)."""
-    try:
-        import psutil
+    from ..threads import physical_cores as count_physical_cores
 
-        count = psutil.cpu_count(logical=False)
-        if count:
-            return int(count)
-    except ImportError:
-        pass
-    return max(1, os.cpu_count() or 1)
+    return count_physical_cores()
+
+
+def apply_threads(choice) -> int:
+    """Set torch's CPU thread count to a threads.ThreadChoice (or a plain int); returns it."""
+    import torch
+
+    count = int(getattr(choice, "count", choice))
+    torch.set_num_threads(count)
+    return count
+
+
+def use_threads(requested=None, command: Optional[str] = None):
+    """Choose (threads.choose_threads(requested)), apply, and, when `command` names the
+    command, say it once on stderr: "vstain demo: 1 torch thread (machine busy: ...)".
+    Returns the ThreadChoice."""
+    from ..threads import choose_threads
+
+    choice = choose_threads(requested)
+    apply_threads(choice)
+    if command:
+        print(f"{command}: {choice.describe()}", file=sys.stderr)
+    return choice
 
 
 def describe_device(device) -> str:
@@ -83,14 +110,14 @@ def describe_device(device) -> str:
         return "mps (Apple GPU, memory shared with the CPU)"
     import platform
 
-    cpu_name = _cpu_model_name() or platform.processor() or platform.machine()
+    cpu_name = cpu_model_name() or platform.processor() or platform.machine()
     memory = _system_memory_gib()
     memory_text = f", {memory:.1f} GiB RAM" if memory else ""
     return (f"cpu ({cpu_name}, {physical_cores()} physical cores, "
             f"{torch.get_num_threads()} torch threads{memory_text})")
 
 
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
@@ -150,15 +177,22 @@ def autocast_context(device, precision: str = "auto"):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def prepare_model(model, device, compile=False, set_threads: bool = True):
+def prepare_model(model, device, compile=False, set_threads: bool = True, threads=None):
     """Move the model to `device` in the channels_last layout (faster convolutions on CPUs
     and tensor cores), set CPU threads, and optionally wrap the U-Net in torch.compile
-    (`compile`: True for the default backend, or a backend name such as "eager")."""
+    (`compile`: True for the default backend, or a backend name such as "eager").
+
+    Threads: `threads` (a threads.ThreadChoice, e.g. from --threads) when given; else
+    threads.choose_threads(None) unless OMP_NUM_THREADS is set; none with set_threads=False."""
     import torch
 
+    from ..threads import choose_threads
+
     device = resolve_device(device)
-    if device.type == "cpu" and set_threads and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(physical_cores())
+    if set_threads and threads is not None:
+        apply_threads(threads)
+    elif device.type == "cpu" and set_threads and "OMP_NUM_THREADS" not in os.environ:
+        apply_threads(choose_threads(None))
     model = model.to(device=device, memory_format=torch.channels_last).eval()
     if compile:
         backend = compile if isinstance(compile, str) else "inductor"

@@ -49,7 +49,8 @@ def stain_samples(model: VStainModel, af: torch.Tensor, settings: StainSettings,
                 return None if callback is None else callback(offset + done * size,
                                                               calls * len(indices))
 
-            outputs.append(run_sampler(settings, model.denoiser(y, af_batch), y,
+            same_input = torch.zeros(len(chunk), dtype=torch.long, device=y.device)
+            outputs.append(run_sampler(settings, model.denoiser(y, af_batch, same_input), y,
                                        model.schedule, grid, noise=noise, callback=progress))
     return torch.cat(outputs)
 

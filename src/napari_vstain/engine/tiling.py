@@ -1,7 +1,8 @@
 """Tiled inference: stain AF images of any size with bounded memory and no seams.
 
 How the result is kept independent of where tile borders fall:
-- Tiles have (by default) the model's training size and overlap (default 25 %); overlapping
+- Tiles are sized to the image (the fewest tiles of at most the largest size that cover it)
+  and neighbours share a fixed number of pixels (default 32); overlapping
   predictions are blended with a Gaussian window (sigma = 0.125 x tile), and the weights are
   normalised per pixel.
 - The network itself must be local for tiles to agree with the whole image. The demo model
@@ -38,11 +39,10 @@ import numpy as np
 from ..errors import NonFiniteOutputError
 from ..explain import is_out_of_memory
 from ..settings import StainSettings
+from .config import DEFAULT_OVERLAP, LOCAL_TILE_PX
 from .inference import NoiseField, StainResult, provenance
 from .model import af_statistics, model_to_rgb, normalise_af
 
-DEFAULT_OVERLAP = 0.25
-MAX_OVERLAP = 0.75
 CV_EPS = 1e-6  # as in samplers.coefficient_of_variation
 # Target pixels per network batch on CPUs (beyond this, bigger batches gain nothing there).
 CPU_BATCH_PIXELS = 2**16
@@ -67,11 +67,14 @@ def minimum_tile(config) -> int:
 
 
 def default_tile(config) -> int:
-    """The tile used when none is given: the training crop for a U-Net with GroupNorm or global
-    attention (its statistics should be those of the crops it learnt on); twice that for a
-    local U-Net (`UNetConfig.is_local`), where a bigger tile only adds context, so tiles agree
-    with the whole image more closely (benchmarks/results: tiled vs untiled)."""
-    return minimum_tile(config) * (2 if config.unet.is_local else 1)
+    """The largest tile used when none is given: the training crop for a U-Net with GroupNorm
+    or global attention (its statistics should be those of the crops it learnt on);
+    LOCAL_TILE_PX (or the crop, if larger) for a local U-Net (`UNetConfig.is_local`), where a
+    bigger tile only adds context and wastes less compute on overlap (benchmarks/results)."""
+    if not config.unet.is_local:
+        return minimum_tile(config)
+    unit = tile_unit(config)
+    return max(minimum_tile(config), LOCAL_TILE_PX // unit * unit)
 
 
 def check_tile(config, tile: int) -> int:
@@ -90,11 +93,12 @@ def check_tile(config, tile: int) -> int:
     return int(tile)
 
 
-def check_overlap(overlap: float) -> float:
-    if not 0.0 <= overlap <= MAX_OVERLAP:
-        raise ValueError(f"The tile overlap must be a fraction from 0 to {MAX_OVERLAP} "
-                         f"(0.25 is 25 %); got {overlap}.")
-    return float(overlap)
+def check_overlap(overlap) -> int:
+    """The overlap of neighbouring tiles in target pixels: a whole number from 0 up."""
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
+        raise ValueError(f"The tile overlap is a whole number of output pixels from 0 up "
+                         f"(default {DEFAULT_OVERLAP}); got {overlap!r}.")
+    return int(overlap)
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class TilePlan:
     rows: tuple
     cols: tuple
     factor: int
+    overlap: int = 0  # target pixels neighbouring tiles share, at least
 
     @property
     def out_shape(self) -> tuple:
@@ -121,6 +126,12 @@ class TilePlan:
     def count(self) -> int:
         return len(self.rows) * len(self.cols)
 
+    @property
+    def computed_per_output_pixel(self) -> float:
+        """Target pixels the network computes per output pixel (1.0: no overlap, no padding)."""
+        computed = self.count * self.tile[0] * self.tile[1]
+        return computed / (self.out_shape[0] * self.out_shape[1])
+
 
 def _origins(length: int, tile: int, stride: int) -> tuple:
     """As few tiles as a step of at most `stride` needs, spread evenly from the first border
@@ -131,25 +142,48 @@ def _origins(length: int, tile: int, stride: int) -> tuple:
     return tuple(int(round(i * (length - tile) / (count - 1))) for i in range(count))
 
 
+def _fitted_side(length: int, largest: int, overlap: int, unit: int, smallest: int) -> int:
+    """The tile side (AF pixels, a multiple of `unit`, from `smallest` to `largest`) for an
+    image side of `length`: the fewest tiles that cover it with at least `overlap` shared
+    pixels, each as small as that allows -- so a 66-px side takes two 40-px tiles, not two
+    64-px tiles that overlap by 62."""
+    if length <= largest:
+        return max(smallest, -(-length // unit) * unit)
+    count = 2
+    while True:
+        side = -(-(length + (count - 1) * overlap) // count)
+        side = max(smallest, -(-side // unit) * unit)
+        if side <= largest:
+            return side
+        count += 1
+
+
+def default_overlap(tile: int) -> int:
+    """DEFAULT_OVERLAP, or a quarter of a small tile (such as a GroupNorm U-Net's crop)."""
+    return min(DEFAULT_OVERLAP, tile // 4)
+
+
 def plan_tiles(af_shape, config, tile: Optional[int] = None,
-               overlap: float = DEFAULT_OVERLAP) -> TilePlan:
-    """Tile an AF image of shape (h, w) or (C, h, w). `tile` is the side in target pixels
-    (default: `default_tile`). A side shorter than a tile gets a tile of its own length
-    rounded up to a valid size (at least the minimum), and is padded to it."""
+               overlap: Optional[int] = None) -> TilePlan:
+    """Tile an AF image of shape (h, w) or (C, h, w). `tile` is the largest tile side in
+    target pixels (default: `default_tile`); `overlap` the pixels (target) that neighbouring
+    tiles share, at least (default: `default_overlap`). Tiles are sized to the image: the fewest that cover each side, as
+    small as that allows (never below the training crop), so overlap costs little. A side
+    shorter than the smallest tile is padded to it."""
     tile = check_tile(config, default_tile(config) if tile is None else tile)
-    overlap = check_overlap(overlap)
+    overlap = check_overlap(default_overlap(tile) if overlap is None else overlap)
     height, width = (int(s) for s in af_shape[-2:])
     k, unit_af = config.factor, config.af_size_multiple
     min_af = minimum_tile(config) // k
-
-    def side(length: int) -> int:
-        fitted = max(min_af, -(-length // unit_af) * unit_af)
-        return min(tile // k, fitted)
-
-    tile_af = (side(height), side(width))
-    origins = [_origins(length, t, max(1, int(round(t * (1 - overlap)))))
+    overlap_af = -(-overlap // k)
+    if overlap_af * 2 > tile // k:
+        raise ValueError(f"A tile overlap of {overlap} px is more than half the tile "
+                         f"({tile} px); use --overlap {tile // 4} or less, or a bigger --tile.")
+    tile_af = tuple(_fitted_side(length, tile // k, overlap_af, unit_af, min_af)
+                    for length in (height, width))
+    origins = [_origins(length, t, max(1, t - overlap_af))
                for length, t in zip((height, width), tile_af)]
-    return TilePlan((height, width), tile_af, origins[0], origins[1], k)
+    return TilePlan((height, width), tile_af, origins[0], origins[1], k, overlap_af * k)
 
 
 def blend_window(height: int, width: int, kind: str = "gaussian") -> np.ndarray:
@@ -277,13 +311,16 @@ class _BandAccumulator:
 
 # ---- the tiled run ---------------------------------------------------------------------------
 
-def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto") -> int:
-    """How many (tile, sample) pairs go through the network at once on `device`."""
+def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto",
+                    samples: int = 1) -> int:
+    """How many (tile, sample) pairs go through the network at once on `device`. On CPUs at
+    least a tile's `samples`, so their shared first call runs once (bigger batches gain
+    nothing there)."""
     from .devices import bf16_supported, device_memory_bytes
 
     pixels = tile_shape[0] * tile_shape[1]
     if device.type == "cpu":
-        return max(1, CPU_BATCH_PIXELS // pixels)
+        return max(1, samples, CPU_BATCH_PIXELS // pixels)
     bytes_per_value = 2 if (precision == "bf16" or (precision == "auto"
                                                      and bf16_supported(device))) else 4
     per_pixel = (ACTIVATION_BYTES_PER_PIXEL_CHANNEL * model.config.unet.base_channels
@@ -311,7 +348,7 @@ def _check_af(af, config) -> np.ndarray:
 
 def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, chunk: list,
                   field: NoiseField, settings: StainSettings, grid, device, precision: str,
-                  progress):
+                  progress, origin: tuple):
     """One network batch: the (tile column, sample index) pairs of `chunk` in tile row `row`
     (AF pixels), sampled together -> (len(chunk), 3, th, tw) tensor in [-1, 1]."""
     import torch
@@ -328,14 +365,28 @@ def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, 
         y_tiles = model.condition(af_tensor).float()  # the CNN once per tile, not per sample
         index = torch.tensor([cols.index(col) for col, _ in chunk], device=device)
         y, af_batch = y_tiles[index], af_tensor[index]
-        noise = field.source([(sample, row * k, col * k) for col, sample in chunk])
-        return samplers.run_sampler(settings, model.denoiser(y, af_batch), y, model.schedule,
+        noise = field.source([(sample, origin[0] + row * k, origin[1] + col * k)
+                              for col, sample in chunk])
+        return samplers.run_sampler(settings, model.denoiser(y, af_batch, index), y,
+                                    model.schedule,
                                     grid, noise=noise, callback=progress)
+
+
+def _batch_length(left: int, start: int, batch: int, samples: int) -> int:
+    """How many of the `left` (tile, sample) pairs of a tile row (ordered tile by tile,
+    `samples` per tile) go into the next batch of at most `batch`: whole tiles when a tile
+    fits (its samples share their first network call), else a part of one tile; equal-sized
+    batches either way (22 pairs at batch 16 run as 11 + 11, not 16 + 6)."""
+    if batch >= samples and start % samples == 0:
+        tiles_left, tiles_per_batch = left // samples, batch // samples
+        return samples * math.ceil(tiles_left / math.ceil(tiles_left / tiles_per_batch))
+    in_tile = samples - start % samples
+    return math.ceil(in_tile / math.ceil(in_tile / batch))
 
 
 def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan, device,
                  callback, keep_samples: bool, batch_size: Optional[int],
-                 precision: str, stats: dict) -> Iterator[Band]:
+                 precision: str, stats: dict, origin: tuple) -> Iterator[Band]:
     """Run the tiles row by row and yield finished bands of output rows, top to bottom."""
     import torch
 
@@ -346,7 +397,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
     grid = settings.grid(cfg.num_steps)  # built once, handed to every batch's sampler
     calls = settings.calls_per_sample(cfg.num_steps)
     batch = int(batch_size) if batch_size else auto_batch_size(model, plan.tile, device,
-                                                                precision)
+                                                                precision, n_samples)
     # Progress counts network calls per sample (a batch of b pairs is b calls), so the total
     # is known up front, matches StainSettings.describe and does not change with the batch.
     total = calls * n_samples * plan.count
@@ -362,16 +413,15 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
         pending: dict = {}  # column -> _TileMoments of tiles with samples still to come
         start = 0
         while start < len(pairs):
-            # equal-sized batches: 22 pairs at batch 16 run as 11 + 11, not 16 + 6
-            left = len(pairs) - start
-            chunk = pairs[start:start + math.ceil(left / math.ceil(left / batch))]
+            chunk = pairs[start:start + _batch_length(len(pairs) - start, start, batch,
+                                                      n_samples)]
 
             def progress(call_done, _calls, size=len(chunk)):
                 return None if callback is None else callback(done + call_done * size, total)
 
             try:
                 x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, grid,
-                                  device, precision, progress)
+                                  device, precision, progress, origin)
             except RuntimeError as error:
                 if batch == 1 or not is_out_of_memory(error):
                     raise
@@ -416,14 +466,14 @@ class _MemoryOutput:
 
 
 def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[int] = None,
-                overlap: float = DEFAULT_OVERLAP, callback=None, device=None,
+                overlap: Optional[int] = None, callback=None, device=None,
                 keep_samples: bool = False, batch_size: Optional[int] = None,
                 writer=None, precision: str = "auto",
-                af_stats: Optional[dict] = None) -> StainResult:
+                af_stats: Optional[dict] = None, origin: tuple = (0, 0)) -> StainResult:
     """Stain a raw AF image (C, h, w) of any size by overlapping tiles.
 
-    tile: side in target pixels (default: `default_tile`, the training crop or twice it);
-    overlap: fraction of a tile shared with its neighbour; callback(done, total) counts
+    tile: the largest tile side in target pixels (default: `default_tile`); overlap: target
+    pixels neighbouring tiles share, at least (default: `default_overlap`); callback(done, total) counts
     network calls per sample over the whole image (a batch of b pairs counts b) and cancels
     (errors.Cancelled) by returning False; device: where to run (default: where the model is; the model is moved there);
     batch_size: (tile, sample) pairs per network call (default: sized to the device);
@@ -431,7 +481,8 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
     StainResult holds no arrays); precision: 'auto' (bf16 on CUDA), 'bf16' or 'fp32'; af_stats: AF
     normalisation statistics (engine.model.af_statistics), default those of `af` itself --
     pass the whole image's when `af` is a region of a larger image, so the region is stained
-    exactly as in a run over the whole image.
+    exactly as in a run over the whole image; origin: where `af`'s first pixel lies in the
+    whole image (target pixels, y, x), so a region draws the whole image's noise there.
     Returns StainResult(rgb (H, W, 3) uint8 mean of N samples, cv (H, W) float32, samples
     (N, H, W, 3) uint8 if keep_samples, settings, provenance), H, W = k h, k w. The provenance
     records what ran: the network-call times, the tile and overlap used, device and dtype.
@@ -451,10 +502,10 @@ def stain_tiled(model, af: np.ndarray, settings: StainSettings, tile: Optional[i
                          "with writing to files.")
     output = writer if writer is not None else _MemoryOutput()
     stats = af_statistics(af, cfg) if af_stats is None else af_stats
-    record = provenance(model, settings, tile=list(plan.tile), overlap=overlap,
+    record = provenance(model, settings, tile=list(plan.tile), overlap=plan.overlap,
                         device=describe_device(device), dtype=network_dtype(device, precision))
     bands = _stain_bands(model, af, settings, plan, device, callback, keep_samples,
-                         batch_size, precision, stats)
+                         batch_size, precision, stats, origin)
     try:
         result = output.write(bands, plan.out_shape, settings, record)
         return result if result is not None else StainResult(None, None, None, settings, record)

@@ -139,7 +139,8 @@ def markdown_report(results: dict, context: Optional[dict] = None,
     if context.get("command"):
         lines += ["", "## Command", "", "```", context["command"], "```"]
     lines += ["", f"napari-vstain {context.get('version', '')}, {context.get('date', '')}, "
-              f"{context.get('platform', '')}".rstrip(", "), ""]
+              f"{context.get('platform', '')}".rstrip(", ")
+              + (f"; {context['threads']}" if context.get("threads") else ""), ""]
     return "\n".join(lines)
 
 

@@ -94,7 +94,7 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
     from ..data.patches import PatchSampler
     from ..atomic import atomic_write
     from ..engine.checkpoint import save_model
-    from ..engine.devices import describe_device
+    from ..engine.devices import describe_device, use_threads
     from ..engine.model import VStainModel
 
     checkpoint_path = out / CHECKPOINT_FILE
@@ -107,8 +107,8 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
             raise ValueError(f"The run was trained with {saved_state['world_size']} "
                              "process(es); resume it with the same number (now "
                              f"{dist_info.world_size}).")
-    if settings.threads:
-        torch.set_num_threads(int(settings.threads))
+    # --threads, else the cores other programs leave free (threads.choose_threads); said once.
+    use_threads(settings.threads, "vstain train" if progress and dist_info.is_main else None)
     device = training_device(settings.device, dist_info)
 
     train_pairs, validation_pairs, data_description = (

@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 from ..engine.config import (AF_NORMALISATIONS, LOSSES, NORMS, OBJECTIVES, ModelConfig,
                              UNetConfig)
+from ..threads import MAX_THREADS, MIN_THREADS
 
 # Seeds of simulated images: training pools use seeds >= TRAIN_SEED_START; the rest are held out.
 TRAIN_SEED_START = 1000
@@ -46,7 +47,7 @@ class TrainSettings:
     seed: int = 0
     max_minutes: Optional[float] = None  # stop (with checkpoint and model) after this long
     device: str = "auto"
-    threads: Optional[int] = None  # torch CPU threads (default: torch's choice)
+    threads: Optional[int] = None  # torch CPU threads (default: threads.choose_threads)
     data: Optional[str] = None  # folder of pairs
     simulate: list = field(default_factory=list)  # tissues to simulate instead of a folder
     simulate_count: int = 16  # simulated pairs per tissue
@@ -116,7 +117,8 @@ TRAINING_LIMITS = {
                                        "validate_every", "log_every", "simulate_size")},
     # bounded: their lists and threads are made before any work
     "simulate_count": (lambda v: 1 <= v <= 100_000, "from 1 to 100,000"),
-    "threads": (lambda v: 1 <= v <= 1024, "from 1 to 1,024"),
+    "threads": (lambda v: MIN_THREADS <= v <= MAX_THREADS,
+                f"from {MIN_THREADS} to {MAX_THREADS:,}"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "from 0 to 2**63 - 1"),
     "lr": _POSITIVE, "max_minutes": _POSITIVE,
     "weight_decay": _at_least(0), "grad_clip": _at_least(0),
