@@ -365,15 +365,16 @@ def finite_or_none(value: float):
 
 @contextlib.contextmanager
 def first_call_per_sample(model):
-    """The first network call run for every sample (the denoiser ignores input_of_row, as
-    tests/test_tiling.py does), as before it was shared between a tile's samples."""
-    cls = type(model)
-    shared = cls.denoiser
-    cls.denoiser = lambda self, y, af=None, input_of_row=None: shared(self, y, af)
+    """The first network call run for every sample, as before it was shared between a
+    tile's samples (as tests/test_tiling.py checks it)."""
+    from napari_vstain.engine import tiling
+
+    shared = tiling.shared_first_call
+    tiling.shared_first_call = lambda model, y, af, inputs, cache: model.denoiser(y, af)
     try:
         yield
     finally:
-        cls.denoiser = shared
+        tiling.shared_first_call = shared
 
 
 def timed_stain(model, af: np.ndarray, settings, **tiling) -> tuple:
@@ -531,8 +532,13 @@ def tiny_checkpoint(folder: Path) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common.add_common_arguments(parser)
+    parser.add_argument("--before-after-only", action="store_true",
+                        help="measure only part 4 (before / after the network and tiling "
+                             "changes) and replace it in the existing results file")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.before_after_only:
+        return remeasure_before_after(args, sizes)
     started = time.perf_counter()
     common.setup_threads(args.threads)
     machine = dict(common.machine(), cpu_model=_cpu_model(), cpu_count=os.cpu_count())
@@ -573,6 +579,23 @@ def main(argv=None) -> int:
     ok = (memory["criterion"]["met"] and workers["identical_stain_and_cv"]
           and resume["identical_to_uninterrupted_run"])
     return 0 if ok or args.quick or args.tiny else 1
+
+
+def remeasure_before_after(args, sizes: dict) -> int:
+    """Part 4 again, into the existing results (with its own command and machine load)."""
+    common.setup_threads(args.threads)
+    model, _ = common.load_benchmark_model(args)
+    path = Path(args.results) / "whole_slide.json"
+    record = json.loads(path.read_text())
+    load = load_average()
+    part = measure_before_after(model, simulated_field(model.config.factor),
+                                sizes["engine_out"])
+    part.update(command=common.command_line(), load_average_1min_at_start=load,
+                load_average_1min_at_end=load_average())
+    record["before_after"] = part
+    common.write_result("whole_slide", record, args.results)
+    update_readme(args.results, record)
+    return 0
 
 
 if __name__ == "__main__":

@@ -139,6 +139,13 @@ def test_vstain_evaluate_reads_a_folder_of_pairs(checkpoints, vstain, tmp_path):
     assert "registered onto its AF image" in report and results["settings"]["register"]
     assert results["pigment_detector_vs_simulator"] is not None  # scored before registering
     assert (out / "comparison.png").is_file()
+    correlation = results["cv_error_correlation"]  # N = 2 samples: a CV map to score
+    assert correlation["samples"] == 2
+    assert [r["name"] for r in correlation["per_image"]] == ["lung_200", "heart_200"]
+    for key in ("cv", "darkness", "cv_tissue", "darkness_tissue"):
+        assert -1 <= correlation["mean"][key]["mean"] <= 1
+    assert all(r["pixels"] == 64 * 64 for r in correlation["per_image"])
+    assert "Does the CV map point at the errors?" in (out / "results.md").read_text()
 
 
 def test_evaluate_model_scores_a_perfect_method_as_perfect(monkeypatch):
@@ -196,3 +203,32 @@ def test_variance_study_pairs_are_spread_and_cropped_centrally():
     assert cropped["af"].shape == (4, 4, 4) and cropped["af"].min() == 1
     assert cropped["he"].shape == (16, 16, 3) and cropped["pigment"].shape == (16, 16)
     assert central_crop(record, None, 4) is record and central_crop(record, 64, 4) is record
+
+
+def test_error_correlation_ranks_pixels_by_error_beside_the_darkness_baseline():
+    from napari_vstain.evaluation.running import absolute_error_map, error_correlation
+
+    rng = np.random.default_rng(0)
+    stained = rng.integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    target = np.full((32, 32, 3), 255, np.uint8)  # white: the error is the stain's darkness
+    error = absolute_error_map(stained, target)
+    np.testing.assert_allclose(error, 1 - stained.mean(axis=-1) / 255, atol=1e-6)
+    tissue = np.zeros((32, 32), bool)
+    tissue[:16] = True
+    exact = error_correlation(stained, target, error, tissue)
+    assert exact["cv"] == pytest.approx(1.0) and exact["darkness"] == pytest.approx(1.0)
+    assert exact["cv_tissue"] == pytest.approx(1.0)
+    assert exact["pixels"] == 32 * 32 and exact["tissue_pixels"] == 16 * 32
+    assert error_correlation(stained, target, -error)["cv"] == pytest.approx(-1.0)
+    unrelated = error_correlation(stained, target, rng.random((32, 32)))
+    assert abs(unrelated["cv"]) < 0.1 and unrelated["cv_tissue"] is None
+    assert error_correlation(stained, target, np.zeros((32, 32)))["cv"] is None  # constant
+    # a target that differs from the stain only where the uncertainty is high
+    wrong = stained.copy()
+    uncertainty = np.zeros((32, 32))
+    uncertainty[8:12, 8:12] = 1.0
+    wrong[8:12, 8:12] = 255 - wrong[8:12, 8:12]
+    scored = error_correlation(stained, wrong, uncertainty)
+    assert scored["cv"] > 0.3 and abs(scored["darkness"]) < scored["cv"]
+    # large images are scored on a strided sample of at most max_pixels
+    assert error_correlation(stained, target, error, max_pixels=100)["pixels"] <= 100

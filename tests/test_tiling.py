@@ -365,26 +365,30 @@ def test_prepare_model_uses_channels_last_and_cpu_autocast_is_off():
 
 
 def test_first_call_runs_once_per_tile_and_changes_nothing(model, monkeypatch):
-    """x_T = y for every sample: the first network call is shared by a tile's N samples."""
+    """x_T = y for every sample: the first network call is shared by a tile's N samples,
+    whatever the batch size (here: 2 tiles per batch, and 1 pair per batch)."""
     af = smooth_af(24, 24)  # 3 x 3 tiles
     settings = StainSettings(sampler="fast", steps=3, eta=0.0, samples=4, seed=2)
+    plan = plan_tiles(af.shape, model.config)
     rows_seen = []
     hook = model.unet.register_forward_hook(lambda m, args, out: rows_seen.append(len(out)))
     try:
-        shared = stain_tiled(model, af, settings, batch_size=8)  # 2 tiles, then 1
-        plan = plan_tiles(af.shape, model.config)
-        # per tile: 1 shared first call + 2 more calls for each of the 4 samples
-        assert sum(rows_seen) == plan.count * (1 + 4 * 2)
-        original = type(model).denoiser
-        monkeypatch.setattr(type(model), "denoiser",
-                            lambda self, y, af=None, input_of_row=None: original(self, y, af))
+        results = {}
+        for batch in (8, 1):
+            rows_seen.clear()
+            results[batch] = stain_tiled(model, af, settings, batch_size=batch)
+            # per tile: 1 shared first call + 2 more calls for each of the 4 samples
+            assert sum(rows_seen) == plan.count * (1 + 4 * 2)
+        monkeypatch.setattr(tiling, "shared_first_call",
+                            lambda model, y, af, inputs, cache: model.denoiser(y, af))
         rows_seen.clear()
         unshared = stain_tiled(model, af, settings, batch_size=8)
         assert sum(rows_seen) == plan.count * 4 * 3
     finally:
         hook.remove()
-    assert np.abs(shared.rgb.astype(int) - unshared.rgb).max() <= 1
-    np.testing.assert_allclose(shared.cv, unshared.cv, atol=1e-5)
+    for shared in results.values():
+        assert np.abs(shared.rgb.astype(int) - unshared.rgb).max() <= 1
+        np.testing.assert_allclose(shared.cv, unshared.cv, atol=1e-5)
 
 
 def test_batches_hold_whole_tiles_when_they_fit():

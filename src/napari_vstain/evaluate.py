@@ -9,6 +9,11 @@ with offline weights: otherwise "LPIPS unavailable") and pigment precision / rec
 (pigment detected in each output against pigment detected in the H&E target), per image and as
 mean +- std over images (pigment scores pooled over all pixels of all images).
 
+CV map against errors: with N >= 2 samples, the Spearman rank correlation over pixels between
+the diffusion model's CV map and its absolute error |stain - target| (mean over RGB), over all
+pixels and over tissue, beside that of the trivial predictor (the darkness of the stain,
+1 - its mean intensity), per image and mean +- std over images.
+
 Variance study: for each sampler (vanilla, mean and skip with exit point t_e, fast) and each
 N in {1, 2, 3, 5}, R repeated runs (independent seeds) each average N samples; the per-pixel
 coefficient of variation over the R averaged outputs (engine.samplers.coefficient_of_variation:

@@ -20,6 +20,12 @@ its first checkpoint is started again by the same command (without --resume).
 A --data folder's manifest.json may only name files inside the folder unless
 --allow-outside-paths is given.
 
+Pigment: --pigment-crop-fraction F centres that fraction of the crops on pigment found in the
+target H&E, --pigment-loss-weight W weights the target's pigment pixels 1 + W in the loss, and
+every validation scores pigment precision / recall / F1 on held-out lung crops (simulated lung
+runs; otherwise on the validation crops). --init-from CHECKPOINT starts a new run from a
+trained model's weights (same model settings), e.g. to continue training the demo model.
+
 Simulated data: `--simulate lung,heart` trains on a pool of simulated pairs whose seeds start
 at TRAIN_SEED_START (1000); seeds below it are held out. The validation crops use seeds
 VALIDATION_SEEDS and `vstain demo` uses DEMO_SEED, so no held-out image is ever trained on.
@@ -36,7 +42,8 @@ from pathlib import Path
 
 from .engine.config import LOSSES, OBJECTIVES, ModelConfig
 from .training.loop import train
-from .training.settings import TRAIN_SEED_START, TrainSettings, resolve_config, resume_config
+from .training.settings import (MAX_PIGMENT_LOSS_WEIGHT, TRAIN_SEED_START, TrainSettings,
+                                resolve_config, resume_config)
 
 # The parts of training live in napari_vstain.training; the names that other code imported
 # from this module before are still importable from here.
@@ -111,6 +118,18 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--max-minutes", type=float, help="stop after this long, with a "
                           "checkpoint and the final model")
     training.add_argument("--device", help=f"auto, cpu, cuda or mps (default {settings.device})")
+    training.add_argument("--init-from", metavar="CHECKPOINT", help="start a new run from the "
+                          "weights of this model checkpoint (.safetensors, e.g. the shipped "
+                          "demo model) instead of random ones; the run's model settings must "
+                          "be the checkpoint's (give the config it was trained with)")
+
+    pigment = parser.add_argument_group("pigment")
+    pigment.add_argument("--pigment-crop-fraction", type=float, help="fraction of the crops "
+                         "centred on pigment found in the target H&E (dark grey pixels), "
+                         f"from 0 to 1 (default {settings.pigment_crop_fraction:g})")
+    pigment.add_argument("--pigment-loss-weight", type=float, help="loss weight 1 + W on the "
+                         f"target's pigment pixels, W from 0 to {MAX_PIGMENT_LOSS_WEIGHT:g} "
+                         f"(default {settings.pigment_loss_weight:g}: unweighted)")
     from .threads import add_threads_argument
 
     add_threads_argument(training)

@@ -230,8 +230,9 @@ class StainingWidget(ScrollingDock):
         self._seed = spin(SpinBox, "seed")
         self._tile = WordedSpinBox(label="Tile", min=0, max=8192, value=0,
                                    special="model's default",
-                                   tooltip="Tile side in output pixels; 0 = the model's "
-                                           "default tile.")
+                                   tooltip="Largest tile side in output pixels (tiles are "
+                                           "sized to the image within it); 0 = the model's "
+                                           "default.")
         self._plan = Label(label="Will run", value="")
         self._estimate = Label(label="Time", value="")
         self._keep_samples = CheckBox(text="Show samples as a stack", value=False)
@@ -560,8 +561,9 @@ class StainingWidget(ScrollingDock):
         self._steps.max = config.num_steps
         self._tile.step = tile_unit(config)
         self._tile.special = f"model's default ({default_tile(config)} px)"
-        self._tile.tooltip = (f"Tile side in output pixels (multiples of {tile_unit(config)}, "
-                              f"at least {minimum_tile(config)}); 0 = this model's default, "
+        self._tile.tooltip = (f"Largest tile side in output pixels (multiples of "
+                              f"{tile_unit(config)}, at least {minimum_tile(config)}); tiles "
+                              f"are sized to the image within it; 0 = this model's default, "
                               f"{default_tile(config)} px.")
         self._update_buttons()
         self._show_plan()

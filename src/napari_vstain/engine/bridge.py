@@ -75,13 +75,18 @@ class BridgeSchedule:
             return (x_t - m * y - sd * output) / (1 - m).clamp_min(1.0 / self.num_steps)
         raise ValueError(f"Unknown objective {objective!r}; choose one of {OBJECTIVES}.")
 
-    def loss(self, objective: str, loss_type: str, output, x0, y, t, eps):
+    def loss(self, objective: str, loss_type: str, output, x0, y, t, eps, weight=None):
+        """Mean L1 / L2 error against the objective's target. `weight` (optional): a per-pixel
+        weight map (B, 1, H, W) (or anything that broadcasts over the error), multiplied in
+        before the mean, so an all-ones map gives the unweighted loss."""
         target = self.training_target(objective, x0, y, t, eps)
         if loss_type == "l1":
-            return (output - target).abs().mean()
-        if loss_type == "l2":
-            return (output - target).pow(2).mean()
-        raise ValueError(f"Unknown loss {loss_type!r}; choose one of {LOSSES}.")
+            error = (output - target).abs()
+        elif loss_type == "l2":
+            error = (output - target).pow(2)
+        else:
+            raise ValueError(f"Unknown loss {loss_type!r}; choose one of {LOSSES}.")
+        return error.mean() if weight is None else (error * weight).mean()
 
     # ---- reverse process ---------------------------------------------------------------
     def step_variance(self, t: int, s: int, eta: float,

@@ -116,44 +116,27 @@ class VStainModel(nn.Module):
         """The raw U-Net output for a batch; t is (B,) integer time steps."""
         return self.unet(torch.cat([x_t, y, *extra], dim=1), t)
 
-    def denoiser(self, y: torch.Tensor, af: Optional[torch.Tensor] = None,
-                 input_of_row: Optional[torch.Tensor] = None):
-        """The model-call interface of the samplers: (x_t, t) -> x0_hat.
-
-        input_of_row (B,) numbers the distinct inputs of the batch (rows with the same number
-        have the same y and AF, e.g. the N samples of one tile). Every sampler starts at
-        x_T = y, so its first call is the same for such rows: it is computed once per distinct
-        input and shared (at N = 4 that saves 3 of every 4 first calls)."""
+    def denoiser(self, y: torch.Tensor, af: Optional[torch.Tensor] = None):
+        """The model-call interface of the samplers: (x_t, t) -> x0_hat."""
         extra = self._extra_condition(af, y.shape[-2:])
         cfg = self.config
-        distinct = None
-        if input_of_row is not None:
-            rows = [int(n) for n in input_of_row]
-            numbers = sorted(set(rows))
-            if len(numbers) < len(rows):
-                first_row = torch.tensor([rows.index(n) for n in numbers], device=y.device)
-                inverse = torch.tensor([numbers.index(n) for n in rows], device=y.device)
-                distinct = (first_row, inverse)
-
-        def network_x0(x_t: torch.Tensor, y_rows, extra_rows, t: int) -> torch.Tensor:
-            t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-            out = self.network(x_t, y_rows, t_batch, extra_rows).float()
-            x0_hat = self.schedule.x0_from_output(cfg.objective, out, x_t, y_rows, t_batch)
-            return x0_hat.clamp(-1, 1) if cfg.clip_x0 else x0_hat
 
         def denoise(x_t: torch.Tensor, t: int) -> torch.Tensor:
-            if distinct is not None and x_t is y:  # the first call: the state is y itself
-                first_row, inverse = distinct
-                x0_hat = network_x0(y[first_row], y[first_row],
-                                    [e[first_row] for e in extra], t)
-                return x0_hat[inverse]
-            return network_x0(x_t, y, extra, t)
+            t_batch = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+            out = self.network(x_t, y, t_batch, extra).float()
+            x0_hat = self.schedule.x0_from_output(cfg.objective, out, x_t, y, t_batch)
+            return x0_hat.clamp(-1, 1) if cfg.clip_x0 else x0_hat
 
         return denoise
 
     def training_loss(self, af: torch.Tensor, x0: torch.Tensor,
-                      generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Bridge loss at a random time step per image (CNN and U-Net trained jointly)."""
+                      generator: Optional[torch.Generator] = None,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Bridge loss at a random time step per image (CNN and U-Net trained jointly).
+
+        `weight` (optional): per-pixel weights (B, 1, H, W) of the target pixels, applied to
+        the bridge loss and to the condition loss (e.g. 1 + w on pigment pixels); None gives
+        the unweighted loss, the same as all ones."""
         cfg = self.config
         y = self.condition(af)
         b = x0.shape[0]
@@ -162,9 +145,12 @@ class VStainModel(nn.Module):
         eps = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device)
         x_t = self.schedule.marginal(x0, y, t, eps)
         out = self.network(x_t, y, t, self._extra_condition(af, y.shape[-2:]))
-        loss = self.schedule.loss(cfg.objective, cfg.loss, out.float(), x0, y, t, eps)
+        loss = self.schedule.loss(cfg.objective, cfg.loss, out.float(), x0, y, t, eps, weight)
         if cfg.condition_loss_weight:
-            loss = loss + cfg.condition_loss_weight * (y - x0).abs().mean()
+            condition_error = (y - x0).abs()
+            if weight is not None:
+                condition_error = condition_error * weight
+            loss = loss + cfg.condition_loss_weight * condition_error.mean()
         return loss
 
     def parameter_count(self) -> dict:

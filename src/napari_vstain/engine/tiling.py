@@ -40,7 +40,7 @@ from ..errors import NonFiniteOutputError
 from ..explain import is_out_of_memory
 from ..settings import StainSettings
 from .config import DEFAULT_OVERLAP, LOCAL_TILE_PX
-from .inference import NoiseField, StainResult, provenance
+from .inference import NoiseField, StainResult, provenance, shared_first_call
 from .model import af_statistics, model_to_rgb, normalise_af
 
 CV_EPS = 1e-6  # as in samplers.coefficient_of_variation
@@ -311,16 +311,13 @@ class _BandAccumulator:
 
 # ---- the tiled run ---------------------------------------------------------------------------
 
-def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto",
-                    samples: int = 1) -> int:
-    """How many (tile, sample) pairs go through the network at once on `device`. On CPUs at
-    least a tile's `samples`, so their shared first call runs once (bigger batches gain
-    nothing there)."""
+def auto_batch_size(model, tile_shape: tuple, device, precision: str = "auto") -> int:
+    """How many (tile, sample) pairs go through the network at once on `device`."""
     from .devices import bf16_supported, device_memory_bytes
 
     pixels = tile_shape[0] * tile_shape[1]
-    if device.type == "cpu":
-        return max(1, samples, CPU_BATCH_PIXELS // pixels)
+    if device.type == "cpu":  # bigger batches are slower per pixel on CPUs (cache misses)
+        return max(1, CPU_BATCH_PIXELS // pixels)
     bytes_per_value = 2 if (precision == "bf16" or (precision == "auto"
                                                      and bf16_supported(device))) else 4
     per_pixel = (ACTIVATION_BYTES_PER_PIXEL_CHANNEL * model.config.unet.base_channels
@@ -348,7 +345,7 @@ def _check_af(af, config) -> np.ndarray:
 
 def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, chunk: list,
                   field: NoiseField, settings: StainSettings, grid, device, precision: str,
-                  progress, origin: tuple):
+                  progress, origin: tuple, first_calls: dict):
     """One network batch: the (tile column, sample index) pairs of `chunk` in tile row `row`
     (AF pixels), sampled together -> (len(chunk), 3, th, tw) tensor in [-1, 1]."""
     import torch
@@ -367,9 +364,10 @@ def _sample_chunk(model, af: np.ndarray, stats: dict, plan: TilePlan, row: int, 
         y, af_batch = y_tiles[index], af_tensor[index]
         noise = field.source([(sample, origin[0] + row * k, origin[1] + col * k)
                               for col, sample in chunk])
-        return samplers.run_sampler(settings, model.denoiser(y, af_batch, index), y,
-                                    model.schedule,
-                                    grid, noise=noise, callback=progress)
+        denoise = shared_first_call(model, y, af_batch, [col for col, _ in chunk],
+                                    first_calls)
+        return samplers.run_sampler(settings, denoise, y, model.schedule, grid, noise=noise,
+                                    callback=progress)
 
 
 def _batch_length(left: int, start: int, batch: int, samples: int) -> int:
@@ -397,7 +395,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
     grid = settings.grid(cfg.num_steps)  # built once, handed to every batch's sampler
     calls = settings.calls_per_sample(cfg.num_steps)
     batch = int(batch_size) if batch_size else auto_batch_size(model, plan.tile, device,
-                                                                precision, n_samples)
+                                                                precision)
     # Progress counts network calls per sample (a batch of b pairs is b calls), so the total
     # is known up front, matches StainSettings.describe and does not change with the batch.
     total = calls * n_samples * plan.count
@@ -411,6 +409,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
             yield accumulator.pop(top)
         pairs = [(col, sample) for col in plan.cols for sample in range(n_samples)]
         pending: dict = {}  # column -> _TileMoments of tiles with samples still to come
+        first_calls: dict = {}  # column -> the first call's estimate, shared by its samples
         start = 0
         while start < len(pairs):
             chunk = pairs[start:start + _batch_length(len(pairs) - start, start, batch,
@@ -421,7 +420,7 @@ def _stain_bands(model, af: np.ndarray, settings: StainSettings, plan: TilePlan,
 
             try:
                 x = _sample_chunk(model, af, stats, plan, row, chunk, field, settings, grid,
-                                  device, precision, progress, origin)
+                                  device, precision, progress, origin, first_calls)
             except RuntimeError as error:
                 if batch == 1 or not is_out_of_memory(error):
                     raise

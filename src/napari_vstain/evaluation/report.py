@@ -98,6 +98,7 @@ def markdown_report(results: dict, context: Optional[dict] = None,
         lines += [f"The detector on the targets against the simulator's true pigment maps: "
                   f"precision {_fmt_score(check['precision'])}, recall "
                   f"{_fmt_score(check['recall'])}, F1 {_fmt_score(check['f1'])}."]
+    lines += _correlation_lines(results.get("cv_error_correlation"))
     variance = results["variance"]["mean"]
     if variance:
         counts = ev["cv_counts"]
@@ -142,6 +143,23 @@ def markdown_report(results: dict, context: Optional[dict] = None,
               f"{context.get('platform', '')}".rstrip(", ")
               + (f"; {context['threads']}" if context.get("threads") else ""), ""]
     return "\n".join(lines)
+
+
+def _correlation_lines(correlation: Optional[dict]) -> list:
+    """The section on whether the CV map points at the errors (none without a CV map)."""
+    if not correlation:
+        return []
+    mean = correlation["mean"]
+    lines = ["", "## Does the CV map point at the errors?", "",
+             "Spearman rank correlation, per pixel, between an error predictor and the absolute "
+             "error |stain - target| (mean over RGB), mean ± std over images. The CV map is "
+             f"the diffusion model's, over its N = {correlation['samples']} samples; the "
+             "trivial predictor is the darkness of the stain (1 - its mean intensity). A CV "
+             "map worth showing must beat the darkness.", "",
+             "| Error predictor | all pixels | tissue pixels |", "|---|---|---|"]
+    for label, key in (("CV map", "cv"), ("stain darkness (baseline)", "darkness")):
+        lines.append(f"| {label} | {_fmt(mean[key], 3)} | {_fmt(mean[key + '_tissue'], 3)} |")
+    return lines
 
 
 def _seed_range(seeds: list) -> str:

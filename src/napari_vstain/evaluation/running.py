@@ -1,7 +1,9 @@
 """Running an evaluation: EvaluationSettings, the held-out pairs, per-image scores (SSIM, PSNR,
 LPIPS, pigment precision / recall / F1) of the diffusion model, the false-colour baseline and an
-optional cGAN, their summaries over images, and the variance study (for each sampler and each N,
-the per-pixel coefficient of variation over R repeated N-sample averages, averaged over tissue)."""
+optional cGAN, their summaries over images, whether the diffusion model's CV map points at its
+errors (Spearman correlation with the absolute error, beside the trivial predictor: the
+darkness of the stain), and the variance study (for each sampler and each N, the per-pixel
+coefficient of variation over R repeated N-sample averages, averaged over tissue)."""
 
 from __future__ import annotations
 
@@ -154,6 +156,65 @@ def _check_pair_shapes(record: dict, factor: int) -> dict:
     return record
 
 
+# ---- does the CV map point at errors? ----------------------------------------------------------
+
+CORRELATION_MAX_PIXELS = 1_000_000  # a strided sample of larger images (ranks cost n log n)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> Optional[float]:
+    """Spearman rank correlation of two equally long 1-D arrays; None when it is undefined
+    (fewer than 3 values, or one of them constant)."""
+    import warnings
+
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = spearmanr(a, b).statistic
+    return float(rho) if np.isfinite(rho) else None
+
+
+def absolute_error_map(stained: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Per-pixel absolute error (H, W) in [0, 1]: |stain - target| averaged over RGB."""
+    return np.abs(stained.astype(np.float32) - target.astype(np.float32)).mean(axis=-1) / 255.0
+
+
+def darkness_map(stained: np.ndarray) -> np.ndarray:
+    """The trivial error predictor (H, W): 1 - mean intensity of the stain (in [0, 1])."""
+    return 1.0 - stained.astype(np.float32).mean(axis=-1) / 255.0
+
+
+def error_correlation(stained: np.ndarray, target: np.ndarray, uncertainty: np.ndarray,
+                      tissue: Optional[np.ndarray] = None,
+                      max_pixels: int = CORRELATION_MAX_PIXELS) -> dict:
+    """How well an uncertainty map (H, W) (the CV map) ranks the pixels by their absolute error
+    (absolute_error_map), beside the trivial predictor darkness_map: Spearman correlations over
+    all pixels ("cv", "darkness") and over `tissue` pixels ("cv_tissue", "darkness_tissue";
+    None without a mask). Images of more than `max_pixels` pixels use a strided sample."""
+    error = absolute_error_map(stained, target).ravel()
+    predictors = {"cv": np.asarray(uncertainty, np.float32).ravel(),
+                  "darkness": darkness_map(stained).ravel()}
+    if predictors["cv"].shape != error.shape:
+        raise ValueError(f"The uncertainty map {np.shape(uncertainty)} does not match the "
+                         f"image {stained.shape[:2]}.")
+    stride = max(1, -(-error.size // max_pixels))
+    picked = np.arange(0, error.size, stride)
+    out = {name: spearman(values[picked], error[picked]) for name, values in predictors.items()}
+    inside = None if tissue is None else picked[np.asarray(tissue, bool).ravel()[picked]]
+    for name, values in predictors.items():
+        out[f"{name}_tissue"] = (None if inside is None
+                                 else spearman(values[inside], error[inside]))
+    out["pixels"] = int(picked.size)
+    out["tissue_pixels"] = None if inside is None else int(inside.size)
+    return out
+
+
+CORRELATION_KEYS = ("cv", "darkness", "cv_tissue", "darkness_tissue")
+
+
 # ---- per-image scores ----------------------------------------------------------------------------
 
 def image_scores(prediction: np.ndarray, target: np.ndarray, use_lpips: bool,
@@ -262,7 +323,7 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
     methods = [METHOD_DIFFUSION] + ([METHOD_FALSE_COLOUR] if ev.false_colour else []) + (
         [METHOD_CGAN] if cgan is not None else [])
     per_image = {m: [] for m in methods}
-    detector_check, variance = [], {}
+    detector_check, variance, correlations = [], {}, []
     cv_indices = set(study_indices(len(records), ev.cv_images))
     figure_indices = set(study_indices(len(records), FIGURE_PAIRS))
     figure_rows = []
@@ -281,6 +342,10 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
         diffusion = _stain(model, record["af"], ev.stain, ev)
         outputs[METHOD_DIFFUSION] = diffusion.rgb
         seconds[METHOD_DIFFUSION] += time.time() - start
+        if ev.stain.samples > 1:  # a CV map needs two samples or more
+            correlations.append({"name": record["name"], **error_correlation(
+                diffusion.rgb, record["he"], diffusion.cv,
+                metrics.tissue_mask_from_rgb(record["he"]))})
         if ev.false_colour:
             start = time.time()
             outputs[METHOD_FALSE_COLOUR] = false_colour(record["af"], factor)
@@ -308,6 +373,7 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
         "summary": summary,
         "per_image": per_image,
         "variance": {"per_image": variance, "mean": _mean_variance(variance, ev)},
+        "cv_error_correlation": _summarise_correlations(correlations, ev.stain.samples),
         # Images (numpy arrays) of a few pairs for the comparison figure; not written to JSON.
         EXAMPLES_KEY: figure_rows,
         "pigment_detector_vs_simulator": (metrics.pool_pigment_scores(detector_check)
@@ -331,6 +397,15 @@ def _mean_std(values: list) -> dict:
     return {"mean": float(np.mean(finite)) if finite else None,
             "std": float(np.std(finite)) if finite else None,
             "n": len(finite), "infinite": infinite}
+
+
+def _summarise_correlations(rows: list, samples: int) -> Optional[dict]:
+    """Spearman correlations of the CV map and of the darkness baseline with the absolute
+    error: per image, and mean +- std over images; None with one sample (no CV map)."""
+    if not rows:
+        return None
+    return {"samples": samples, "per_image": rows,
+            "mean": {key: _mean_std([r[key] for r in rows]) for key in CORRELATION_KEYS}}
 
 
 def _summarise(rows: list) -> dict:

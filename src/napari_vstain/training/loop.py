@@ -15,10 +15,12 @@ from ..errors import CheckpointError
 from .checkpoint import load_optimizer, read_training_checkpoint, write_training_checkpoint
 from .data import load_training_data
 from .distributed import Distributed, agree, init_distributed, training_device
+from .pigment import PigmentPatchSampler, pigment_validation_crops, pigment_weight
 from .reports import plot_loss, write_log, write_validation
 from .rundir import check_run_folder, run_folder_lock
 from .settings import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE, TrainSettings,
-                       check_resumed_config, config_dict, with_training_crop)
+                       check_resumed_config, config_dict, describe_setting, differences,
+                       with_training_crop)
 
 
 def ema_decay_at(step: int, ema_decay: float) -> float:
@@ -35,8 +37,8 @@ def _loss_module(model):
             super().__init__()
             self.inner = inner
 
-        def forward(self, af, x0, generator):
-            return self.inner.training_loss(af, x0, generator)
+        def forward(self, af, x0, generator, weight=None):
+            return self.inner.training_loss(af, x0, generator, weight)
 
     return LossModule(model)
 
@@ -84,6 +86,35 @@ def _restore(checkpoint_path: Path, tensors: dict, state: dict, rank: int, model
                               "folder.") from None
 
 
+def read_initial_weights(path, model_config) -> tuple[dict, str]:
+    """(state dict, content hash) of the model checkpoint that a new run starts from
+    (--init-from): a napari-vstain model (safetensors, checked as for loading; never
+    pickle) whose model settings equal the run's, apart from its description."""
+    from ..engine.checkpoint import read_checkpoint
+    from ..engine.model import ModelConfig
+
+    flag = describe_setting("training.init_from")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag}: there is no model checkpoint at {path}; give the "
+                                "path of a .safetensors model (such as a run's "
+                                f"{MODEL_FILE}).")
+    metadata, state = read_checkpoint(path)
+    try:
+        saved = ModelConfig.from_dict(json.loads(metadata["config"])).to_dict()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} ({flag}) has no usable model config ({exc}); use a "
+                              "model written by napari-vstain.") from None
+    ours = model_config.to_dict()
+    changed = [found for found in differences(saved, ours, "model")
+               if found[0] != "model.description"]
+    if changed:
+        listing = "; ".join(f"{key} (checkpoint {a!r}, run {b!r})" for key, a, b in changed)
+        raise ValueError(f"{flag} {path} holds a model with other settings than this run: "
+                         f"{listing}. Give the run the checkpoint's model settings (the "
+                         "config it was trained with), or start without --init-from.")
+    return state, metadata["content_hash"]
+
+
 def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progress: bool,
            step_callback, data, dist_info: Distributed) -> Optional[Path]:
     import copy
@@ -91,7 +122,6 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
     import torch
     from tqdm import tqdm
 
-    from ..data.patches import PatchSampler
     from ..atomic import atomic_write
     from ..engine.checkpoint import save_model
     from ..engine.devices import describe_device, use_threads
@@ -107,26 +137,39 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
             raise ValueError(f"The run was trained with {saved_state['world_size']} "
                              "process(es); resume it with the same number (now "
                              f"{dist_info.world_size}).")
+    initial = None  # --init-from: checked before the (slow) data loading and any writing
+    if settings.init_from and not resume:
+        initial = read_initial_weights(settings.init_from, model_config)
     # --threads, else the cores other programs leave free (threads.choose_threads); said once.
     use_threads(settings.threads, "vstain train" if progress and dist_info.is_main else None)
     device = training_device(settings.device, dist_info)
 
     train_pairs, validation_pairs, data_description = (
         data if data is not None else load_training_data(model_config, settings))
-    sampler = PatchSampler(train_pairs, settings.crop, seed=settings.seed, rank=dist_info.rank)
+    sampler = PigmentPatchSampler(train_pairs, settings.crop, seed=settings.seed,
+                                  rank=dist_info.rank,
+                                  pigment_fraction=settings.pigment_crop_fraction)
+    pigment_crops, pigment_description = (pigment_validation_crops(model_config, settings)
+                                          if dist_info.is_main else ([], {}))
+    if pigment_description:
+        data_description = {**data_description, "pigment_validation": pigment_description}
     loss_generator = torch.Generator().manual_seed(
         int(np.random.SeedSequence([settings.seed, dist_info.rank, 1]).generate_state(1)[0]))
     torch.manual_seed(settings.seed)
 
     model = VStainModel(model_config)
+    if initial is not None:
+        model.load_state_dict(initial[0])
     ema_model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     step, elapsed_before, log_rows = 0, 0.0, []
+    init_from_hash = initial[1] if initial is not None else None
     if resume:
         _restore(checkpoint_path, tensors, saved_state, dist_info.rank, model, ema_model,
                  optimizer, loss_generator, sampler)
         step = saved_state["step"]
+        init_from_hash = saved_state.get("init_from_hash")
         elapsed_before, log_rows = saved_state["elapsed_s"], saved_state["log"]
     if dist_info.is_main and not (resume and (out / CONFIG_FILE).exists()):
         # a new run; one that stopped before its first checkpoint, started again (its config
@@ -170,7 +213,7 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
         if dist_info.is_main:
             write_training_checkpoint(checkpoint_path, model, ema_model, optimizer, step,
                                       elapsed_before + time.time() - start, states, log_rows,
-                                      config)
+                                      config, init_from_hash)
             write_log(out, log_rows)
             plot_loss(out, log_rows)
 
@@ -183,9 +226,11 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
     stopped_by_time = False
     while step < settings.steps:
         af, x0 = sampler.batch(settings.batch_size)
+        weight = (pigment_weight(x0, settings.pigment_loss_weight).to(device)
+                  if settings.pigment_loss_weight else None)
         af, x0 = af.to(device, non_blocking=True), x0.to(device, non_blocking=True)
         with autocast:
-            loss = loss_module(af, x0, loss_generator)
+            loss = loss_module(af, x0, loss_generator, weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if settings.grad_clip:
@@ -209,7 +254,8 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
             recent = []
         if step % settings.validate_every == 0 and dist_info.is_main:
             log_rows.append({"step": step, **write_validation(ema_model, validation_pairs,
-                                                              settings.crop, step, out)})
+                                                              settings.crop, step, out,
+                                                              pigment_crops)})
         if step_callback is not None:
             step_callback(step, loss_value)
         if settings.max_minutes is not None:
@@ -233,6 +279,7 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
                  "batch_size_per_process": settings.batch_size, "crop": settings.crop,
                  "final_loss": final_loss, "data": data_description,
                  "training": dataclasses.asdict(settings),
+                 "init_from_hash": init_from_hash,
                  "stopped_by_time_limit": stopped_by_time}
         final = out / MODEL_FILE
         save_model(ema_model, final, extra=extra, overwrite=True)

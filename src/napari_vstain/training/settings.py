@@ -20,6 +20,8 @@ from ..threads import MAX_THREADS, MIN_THREADS
 # Seeds of simulated images: training pools use seeds >= TRAIN_SEED_START; the rest are held out.
 TRAIN_SEED_START = 1000
 VALIDATION_SEEDS = {"lung": 101, "heart": 102}
+# held-out lung pairs whose pigment every validation scores (training.pigment)
+PIGMENT_VALIDATION_SEEDS = tuple(range(110, 118))
 DEMO_SEED = 7  # the held-out lung sample of `vstain demo`
 SIMULATED_TISSUES = ("lung", "heart")
 
@@ -55,6 +57,14 @@ class TrainSettings:
     register: bool = False  # register each H&E image onto its AF image before training
     # read manifest entries of the --data folder that name files outside it
     allow_outside_paths: bool = False
+    # fraction of the crops centred on pigment that metrics.pigment_mask_from_rgb finds in the
+    # target H&E (0: every crop at random, as before)
+    pigment_crop_fraction: float = 0.0
+    # loss weight 1 + w on the target's pigment pixels (0: unweighted)
+    pigment_loss_weight: float = 0.0
+    # a model checkpoint (.safetensors of the same model config) whose weights a new run
+    # starts from instead of random ones; not used when resuming (the run's checkpoint is)
+    init_from: Optional[str] = None
 
     def validate(self, where: Optional[Callable[[str], str]] = None) -> "TrainSettings":
         """Refuse a wrong type or an impossible number with a sentence naming the setting by
@@ -111,6 +121,7 @@ def _at_least(low):
 
 
 _POSITIVE = (lambda v: v > 0, "positive")
+MAX_PIGMENT_LOSS_WEIGHT = 100.0  # more would let a few pigment pixels swamp the whole loss
 # training setting -> (test, what the value must be); types come from TrainSettings' fields
 TRAINING_LIMITS = {
     **{name: _at_least(1) for name in ("steps", "batch_size", "crop", "checkpoint_every",
@@ -121,6 +132,10 @@ TRAINING_LIMITS = {
                 f"from {MIN_THREADS} to {MAX_THREADS:,}"),
     "seed": (lambda v: 0 <= v < 2 ** 63, "from 0 to 2**63 - 1"),
     "lr": _POSITIVE, "max_minutes": _POSITIVE,
+    "pigment_crop_fraction": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "pigment_loss_weight": (lambda v: 0 <= v <= MAX_PIGMENT_LOSS_WEIGHT,
+                            f"from 0 to {MAX_PIGMENT_LOSS_WEIGHT:g}"),
+    "init_from": (lambda v: bool(v.strip()), "the path of a model checkpoint"),
     "weight_decay": _at_least(0), "grad_clip": _at_least(0),
     "ema_decay": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
     "device": (lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v.strip().lower()),
@@ -330,7 +345,7 @@ def _training_overrides(args) -> dict:
             continue
         if f.name == "simulate":
             value = [t.strip() for t in value.split(",") if t.strip()]
-        if f.name == "data":
+        if f.name in ("data", "init_from"):
             value = str(value)
         values[f.name] = value
     return values
