@@ -19,12 +19,14 @@ absolute error |stain - target| (mean over RGB; the stain is the mean of the N s
   wrapping the denoiser passed to engine.samplers (the samplers are unchanged);
   "x0_spread_after_first": the same without the first estimate (from x_T = y alone),
 - "darkness": 1 - mean intensity of the stain (the trivial predictor).
-Configurations: eta = 0, 0.5 and 1, each with N = 8 samples and with N = 4 (the first 4 of
-the 8: the same noise-field draws, as a run with N = 4 would make).
+Configurations: eta = 0, 0.5 and 1, each with N = 8 samples and with N = 4 and N = 1 (the
+first samples of the 8: the same noise-field draws as a run with that N would make; at N = 1
+there is no CV map, only the x0 spread).
 Per image: Spearman over all pixels and over tissue pixels (metrics.tissue_mask_from_rgb of
 the target), and the mean error of the 10 % of pixels each predictor ranks highest divided by
 the mean error ("top-decile error ratio"; 1 = no better than chance). Reported as mean +- std
-over the images.
+over the images, and paired with the darkness baseline on the same image (difference of the
+Spearman correlations, and on how many images the predictor is ahead).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -40,7 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 ETAS = (0.0, 0.5, 1.0)
-COUNTS = (4, 8)  # N = 4 is the first 4 of the N = 8 samples (the same noise-field draws)
+# N = 1 and 4 are the first samples of the N = 8 (the same noise-field draws); at N = 1 there
+# is no CV map, but the spread of the x0 estimates along the walk is there
+COUNTS = (1, 4, 8)
 PREDICTORS = ("cv", "sample_std", "x0_spread", "x0_spread_after_first", "darkness")
 STEPS = 10
 
@@ -51,7 +56,7 @@ def stain_with_estimates(model, af_norm: np.ndarray, samples: int, eta: float, s
     (samples (N, 3, H, W), estimates (calls, N, 3, H, W)) in [-1, 1], as torch tensors."""
     import torch
 
-    from napari_vstain.engine.inference import NoiseField
+    from napari_vstain.engine.inference import NoiseField, shared_first_call
     from napari_vstain.engine.samplers import run_sampler
     from napari_vstain.settings import StainSettings
 
@@ -62,8 +67,9 @@ def stain_with_estimates(model, af_norm: np.ndarray, samples: int, eta: float, s
     with torch.no_grad():
         y_one = model.condition(af)
         y = y_one.expand(samples, *y_one.shape[1:])
-        denoise = model.denoiser(y, af.expand(samples, *af.shape[1:]),
-                                 torch.zeros(samples, dtype=torch.long))
+        # the denoiser `vstain stain` uses (the samples' shared first call computed once)
+        denoise = shared_first_call(model, y, af.expand(samples, *af.shape[1:]),
+                                    [0] * samples, {})
 
         def recording_denoise(x_t, t):
             x0_hat = denoise(x_t, t)
@@ -89,8 +95,11 @@ def uncertainty_maps(samples, estimates) -> dict:
     return {name: m.float().numpy() for name, m in maps.items()}
 
 
-def top_decile_ratio(predictor: np.ndarray, error: np.ndarray) -> float:
-    """Mean error of the 10 % of pixels the predictor ranks highest / the mean error."""
+def top_decile_ratio(predictor: np.ndarray, error: np.ndarray) -> Optional[float]:
+    """Mean error of the 10 % of pixels the predictor ranks highest / the mean error; None
+    for a constant predictor (it ranks nothing)."""
+    if np.ptp(predictor) == 0:
+        return None
     order = np.argsort(-predictor.ravel(), kind="stable")
     top = order[: max(1, order.size // 10)]
     return float(error.ravel()[top].mean() / max(error.mean(), 1e-12))
@@ -120,6 +129,18 @@ def _mean_std(values: list) -> dict:
     values = [v for v in values if v is not None]
     return {"mean": float(np.mean(values)) if values else None,
             "std": float(np.std(values)) if values else None, "n": len(values)}
+
+
+def _versus_darkness(rows: list, name: str) -> dict:
+    """Per image, the predictor's Spearman minus the darkness baseline's (all pixels and
+    tissue): mean +- std, and on how many images the predictor is ahead."""
+    out = {}
+    for key in ("spearman", "spearman_tissue"):
+        pairs = [(r[name][key], r["darkness"][key]) for r in rows
+                 if r[name][key] is not None and r["darkness"][key] is not None]
+        out[key] = {"difference": _mean_std([a - b for a, b in pairs]),
+                    "images_ahead": sum(a > b for a, b in pairs), "images": len(pairs)}
+    return out
 
 
 def main() -> None:
@@ -155,6 +176,8 @@ def main() -> None:
                               for key in ("spearman", "spearman_tissue",
                                           "top_decile_error_ratio")}
                        for name in PREDICTORS}
+            for name in PREDICTORS:  # paired with the baseline on the same image
+                summary[name]["versus_darkness"] = _versus_darkness(rows[n], name)
             label = f"N={n}, eta={eta:g}"
             results[label] = {"samples": n, "eta": eta, "steps": STEPS,
                               "seconds_for_n_8_and_4": round(watch.seconds, 1),
@@ -163,7 +186,8 @@ def main() -> None:
                               "ssim": _mean_std([r["ssim"] for r in rows[n]]),
                               "summary": summary, "per_image": rows[n]}
             cells = ", ".join(f"{name} {summary[name]['spearman']['mean']:+.3f}"
-                              for name in PREDICTORS)
+                              for name in PREDICTORS
+                              if summary[name]["spearman"]["mean"] is not None)
             print(f"{label}: Spearman (all pixels) {cells} [{watch.seconds:.0f} s]",
                   file=sys.stderr)
     record = {

@@ -286,7 +286,8 @@ def markdown_section(record: dict) -> list:
              f"{record['machine']['date_utc']}. Data: {record['data']}.", "",
              "Procedural H&E sent through from_he (SSIM of the demo model's stain against the "
              "H&E; gap = procedural AF minus from_he AF; Dice of maps > 0.5 against the "
-             "simulator's truth):", "",
+             "simulator's truth; cytoplasm / collagen call: where the truth is mostly one of "
+             "the two, how often the larger recovered one agrees):", "",
              "| AF from | SSIM lung | SSIM heart | SSIM mean | gap mean (max) | nuclei Dice | "
              "pigment Dice | cytoplasm / collagen call |", "|---|---|---|---|---|---|---|---|"]
     for name, entry in s["procedural"].items():

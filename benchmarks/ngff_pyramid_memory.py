@@ -183,5 +183,19 @@ def main(argv=None) -> int:
     return 0
 
 
+def markdown_section(record: dict) -> list:
+    """This benchmark's part of benchmarks/results/README.md (run_all.py calls it)."""
+    lines = ["## OME-Zarr pyramid and pyramidal OME-TIFF memory", "",
+             f"Command: `{record['command']}`. {record['method']}.", "",
+             "| slide | levels | update_pyramid peak (median, MiB) | OME-TIFF peak (MiB) | "
+             "memory after imports (MiB) |", "|---|---|---|---|---|"]
+    for row in record["rows"]:
+        lines.append(f"| {row['size']}^2 | {row['levels']} | "
+                     f"{row['pyramid']['median_peak_rss_mib']:.0f} | "
+                     f"{row['tiff']['median_peak_rss_mib']:.0f} | "
+                     f"{row['pyramid']['median_rss_before_mib']:.0f} |")
+    return lines + [""]
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ Each benchmark runs in its own process. The GPU benchmark is separate (needs a C
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -24,7 +25,9 @@ import common  # noqa: E402
 
 SCRIPTS = ("quality_vs_calls.py", "tiled_vs_untiled.py", "samples_batching.py",
            "memory_scaling.py", "network_speed.py", "af_statistics_error.py",
-           "whole_slide.py")
+           "whole_slide.py", "ngff_pyramid_memory.py", "from_he_fidelity.py")
+# Benchmarks whose module writes its own README section (a `markdown_section(record)`).
+MODULE_SECTIONS = ("whole_slide", "ngff_pyramid_memory", "from_he_fidelity")
 
 
 def main(argv=None) -> int:
@@ -218,12 +221,6 @@ def _af_statistics_section(record: dict) -> list:
                         "the pyramid level with the strided pixels of the same count).", ""]
 
 
-def _whole_slide_section(record: dict) -> list:
-    from whole_slide import markdown_section
-
-    return markdown_section(record)
-
-
 def _gpu_sections(folder: Path) -> list:
     from gpu_benchmark import markdown_table
 
@@ -235,13 +232,28 @@ def _gpu_sections(folder: Path) -> list:
     return lines
 
 
+def _other_sections(path: Path, lines: list) -> list:
+    """The sections of the existing README.md that this summary does not write (benchmarks
+    that add their own section, such as pigment_in_af.py), kept as they are."""
+    if not path.is_file():
+        return []
+    written = {line for line in lines if line.startswith("## ")}
+    kept, keep = [], False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            keep = line not in written
+        if keep:
+            kept.append(line)
+    return kept
+
+
 def write_summary(folder: Path, command: str, timings: dict) -> Path:
     from napari_vstain.atomic import atomic_write
 
     folder = Path(folder)
     records = {name: _load(folder, name) for name in
                ("quality_vs_calls", "tiled_vs_untiled", "samples_batching", "memory_scaling",
-                "network_speed", "af_statistics_error", "whole_slide")}
+                "network_speed", "af_statistics_error") + MODULE_SECTIONS}
     first = next((r for r in records.values() if r is not None), None)
     lines = ["# Benchmark results", "",
              "Command: `python benchmarks/run_all.py` (each script's own command, machine and "
@@ -267,14 +279,16 @@ def write_summary(folder: Path, command: str, timings: dict) -> Path:
     sections = (("quality_vs_calls", _quality_section), ("tiled_vs_untiled", _tiled_section),
                 ("samples_batching", _batching_section), ("memory_scaling", _memory_section),
                 ("network_speed", _network_section),
-                ("af_statistics_error", _af_statistics_section),
-                ("whole_slide", _whole_slide_section))
+                ("af_statistics_error", _af_statistics_section))
+    sections += tuple((name, importlib.import_module(name).markdown_section)
+                      for name in MODULE_SECTIONS)
     for name, section in sections:
         if records[name] is not None:
             lines += section(records[name])
     lines += _gpu_sections(folder)
-    text = "\n".join(lines)
     path = folder / "README.md"
+    lines += _other_sections(path, lines)
+    text = "\n".join(lines)
     atomic_write(path, lambda tmp: tmp.write_text(text), overwrite=True)
     print(f"wrote {path}", file=sys.stderr)
     return path

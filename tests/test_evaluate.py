@@ -67,6 +67,13 @@ def test_vstain_evaluate_writes_json_and_markdown_with_every_section(checkpoints
     assert vanilla["5"]["mean_cv"]["mean"] < vanilla["1"]["mean_cv"]["mean"]
     assert study["vanilla"]["steps"] == 4 and study["fast"]["steps"] == 2
     assert results["context"]["command"].startswith("vstain evaluate --simulate lung,heart")
+    correlation = results["cv_error_correlation"]  # N = 2 samples: a CV map to score
+    assert correlation["samples"] == 2
+    assert [r["name"] for r in correlation["per_image"]] == ["lung_200", "heart_200"]
+    for key in ("cv", "darkness", "cv_tissue", "darkness_tissue"):
+        assert -1 <= correlation["mean"][key]["mean"] <= 1
+    assert all(r["pixels"] == 64 * 64 for r in correlation["per_image"])
+    assert "Does the CV map point at the errors?" in (out / "results.md").read_text()
 
     assert "examples" not in results
     figure = plt.imread(out / "comparison.png")
@@ -139,13 +146,8 @@ def test_vstain_evaluate_reads_a_folder_of_pairs(checkpoints, vstain, tmp_path):
     assert "registered onto its AF image" in report and results["settings"]["register"]
     assert results["pigment_detector_vs_simulator"] is not None  # scored before registering
     assert (out / "comparison.png").is_file()
-    correlation = results["cv_error_correlation"]  # N = 2 samples: a CV map to score
-    assert correlation["samples"] == 2
-    assert [r["name"] for r in correlation["per_image"]] == ["lung_200", "heart_200"]
-    for key in ("cv", "darkness", "cv_tissue", "darkness_tissue"):
-        assert -1 <= correlation["mean"][key]["mean"] <= 1
-    assert all(r["pixels"] == 64 * 64 for r in correlation["per_image"])
-    assert "Does the CV map point at the errors?" in (out / "results.md").read_text()
+    assert results["cv_error_correlation"] is None  # N = 1: no CV map to score
+    assert "Does the CV map point at the errors?" not in report
 
 
 def test_evaluate_model_scores_a_perfect_method_as_perfect(monkeypatch):

@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from napari_vstain.data import from_he
 from napari_vstain.data import simulate as sim
@@ -17,8 +18,8 @@ from napari_vstain.data.rendering import MARGIN_PX, render_he
 from napari_vstain.data.tissue import HE_PIXEL_SIZE_UM, PROCEDURAL_TISSUES, _empty_components
 
 # Dice of the recovered maps (> 0.5) with the simulator's truth. Measured on procedural
-# tissue of 192 + 16 px, seeds 0..15: nuclei 0.92..0.98 (lung) and 0.94..0.98 (heart), pigment
-# 0.93..0.99 (lung); the rgb2hed-threshold path this replaced reached nuclei 0.59..0.92.
+# tissue of 192 + 16 px, seeds 0..15: nuclei 0.91..0.97 (lung) and 0.91..0.97 (heart), pigment
+# 0.93..0.99 (lung); the rgb2hed-threshold path this replaced reached nuclei 0.59..0.96.
 # The thresholds leave room for the renderer's stain jitter on other seeds.
 NUCLEUS_DICE_MIN = 0.85
 PIGMENT_DICE_MIN = 0.85
@@ -49,9 +50,12 @@ def test_recovered_nuclei_and_pigment_overlap_the_truth(tissue, seed):
         assert _dice(truth["pigment"] > 0.5, found["pigment"] > 0.5) >= PIGMENT_DICE_MIN
     else:
         assert (found["pigment"] > 0.5).mean() < 0.002
-    # red cells land on red cells: most recovered red-cell mass lies on true red cells
-    near = truth["rbc"] > 0.1
-    assert found["rbc"][near].sum() > 0.6 * found["rbc"].sum()
+    # red cells: found where they are (seeds 0..7: 0.46..0.87 of their area on average) and
+    # hardly anywhere else (at most 0.5 % of the image, where lipofuscin granules cluster)
+    if (truth["rbc"] > 0.5).any():
+        assert found["rbc"][truth["rbc"] > 0.5].mean() > 0.35
+    elsewhere = ~ndimage.binary_dilation(truth["rbc"] > 0.05, iterations=2)
+    assert found["rbc"][elsewhere].sum() < 0.008 * elsewhere.size
 
 
 def test_fixed_stain_densities_invert_the_renderer():

@@ -9,7 +9,7 @@ from napari_vstain.data.patches import PatchSampler, TrainingPair
 from napari_vstain.engine.bridge import BridgeSchedule
 from napari_vstain.engine.checkpoint import load_model, read_checkpoint
 from napari_vstain.engine.model import ModelConfig, VStainModel
-from napari_vstain.training.loop import train
+from napari_vstain.training.loop import run_ema_decay, train
 from napari_vstain.training.pigment import (PigmentPatchSampler, densest_window,
                                             pigment_weight)
 from napari_vstain.training.settings import MODEL_FILE, TrainSettings
@@ -178,6 +178,13 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(tmp_path):
     extra = load_model(second).extra
     assert extra["training_steps"] == 2
     assert extra["init_from_hash"] == load_model(first).content_hash
+
+
+def test_a_run_from_trained_weights_keeps_the_full_ema_decay_from_the_start():
+    fresh = TrainSettings(**TINY_TRAINING)
+    started = TrainSettings(**{**TINY_TRAINING, "init_from": "model.safetensors"})
+    assert run_ema_decay(0, fresh) == pytest.approx(0.1)  # warm-up from random weights
+    assert run_ema_decay(0, started) == run_ema_decay(50, started) == fresh.ema_decay
 
 
 def test_init_from_refuses_a_model_of_other_settings_before_writing(tmp_path):

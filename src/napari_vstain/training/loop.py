@@ -28,6 +28,14 @@ def ema_decay_at(step: int, ema_decay: float) -> float:
     return min(ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def run_ema_decay(step: int, settings: TrainSettings) -> float:
+    """The EMA decay of a run at `step`: with warm-up (ema_decay_at) for a run from random
+    weights; the full decay from the start for a run from trained weights (--init-from),
+    whose EMA starts from those weights: a warm-up would let the first steps of the fresh
+    optimiser (Adam moves every weight by about lr at first) straight into the EMA model."""
+    return settings.ema_decay if settings.init_from else ema_decay_at(step, settings.ema_decay)
+
+
 def _loss_module(model):
     """The model's training loss as forward(), which DistributedDataParallel needs."""
     from torch import nn
@@ -236,7 +244,7 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
         if settings.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
         optimizer.step()
-        decay = ema_decay_at(step, settings.ema_decay)
+        decay = run_ema_decay(step, settings)
         with torch.no_grad():
             for ema_p, p in zip(ema_model.parameters(), model.parameters()):
                 ema_p.mul_(decay).add_(p.detach(), alpha=1.0 - decay)
