@@ -32,6 +32,15 @@ def make_tiny_local_model(num_steps: int = 50, train_crop: int = 16, weight_nois
     return model
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (training may set another), restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tiny_local_model():
     return make_tiny_local_model()

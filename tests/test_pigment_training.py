@@ -13,21 +13,11 @@ from napari_vstain.training.loop import run_ema_decay, train
 from napari_vstain.training.pigment import (PigmentPatchSampler, densest_window,
                                             pigment_weight)
 from napari_vstain.training.settings import MODEL_FILE, TrainSettings
+from test_train import TINY_CONFIG
 
 PINK, GREY = (230, 170, 200), (35, 35, 35)
-TINY_MODEL = {**{k: v for k, v in ModelConfig.tiny().to_dict().items() if k != "unet"},
-              "unet": {"base_channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1,
-                       "attention_downsample": [2], "num_heads": 2, "norm_groups": 4}}
-TINY_TRAINING = {"simulate": ["lung"], "simulate_count": 2, "simulate_size": 64, "crop": 16,
-                 "batch_size": 2, "checkpoint_every": 4, "validate_every": 1000, "threads": 1}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+TINY_MODEL, TINY_TRAINING = TINY_CONFIG["model"], TINY_CONFIG["training"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def pink_with_grey_square(size: int, top: int, left: int, side: int = 4) -> np.ndarray:

@@ -33,12 +33,7 @@ TINY_CONFIG = {"model": {**{k: v for k, v in ModelConfig.tiny().to_dict().items(
 SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def settings(**changes) -> TrainSettings:

@@ -151,7 +151,11 @@ class PatchSampler:
     def sample(self) -> tuple[np.ndarray, np.ndarray]:
         """One crop: (af (C, c/k, c/k) float32, x0 (3, c, c) float32 in [-1, 1])."""
         pair = self.pairs[int(self.rng.integers(0, len(self.pairs)))]
-        af, he = random_crop(pair, self.crop, self.rng)
+        return self.training_sample(*random_crop(pair, self.crop, self.rng))
+
+    def training_sample(self, af: np.ndarray, he: np.ndarray) -> tuple:
+        """A crop pair as a training sample: one of the 8 rotations / flips (drawn from the
+        sampler's generator) when augmenting, the H&E in [-1, 1]."""
         if self.augment:
             index = int(self.rng.integers(0, 8))
             af, he = dihedral(af, index), dihedral(he, index)

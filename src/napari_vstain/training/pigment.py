@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from ..data.patches import PatchSampler, TrainingPair, dihedral
+from ..data.patches import PatchSampler, TrainingPair
 from .settings import PIGMENT_VALIDATION_SEEDS, TrainSettings
 
 
@@ -67,12 +67,7 @@ class PigmentPatchSampler(PatchSampler):
         index = self.pigment_pairs[int(self.rng.integers(0, len(self.pigment_pairs)))]
         pair, pixels = self.pairs[index], self.pigment[index]
         y, x = divmod(int(pixels[int(self.rng.integers(0, len(pixels)))]), pair.he.shape[1])
-        af, he = crop_around(pair, self.crop, y, x)
-        if self.augment:
-            turn = int(self.rng.integers(0, 8))
-            af, he = dihedral(af, turn), dihedral(he, turn)
-        x0 = he.astype(np.float32) / 127.5 - 1.0
-        return np.ascontiguousarray(af), np.ascontiguousarray(x0)
+        return self.training_sample(*crop_around(pair, self.crop, y, x))
 
 
 def pigment_weight(x0, weight: float):
