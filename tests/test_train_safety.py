@@ -20,8 +20,9 @@ from napari_vstain.errors import CheckpointError, UserError
 from napari_vstain.training.loop import train
 from napari_vstain.training.settings import (CHECKPOINT_FILE, CONFIG_FILE, MODEL_FILE,
                                              RESUMABLE_OVERRIDES)
-from test_train import (TINY_CONFIG, model_config, one_thread,  # noqa: F401 (autouse)
-                        settings)
+from test_train import TINY_CONFIG, model_config, settings
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def run(capsys, *argv) -> tuple[int, str]:
