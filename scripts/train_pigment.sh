@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Continue training the shipped demo model (src/napari_vstain/models/demo.safetensors) so that
-# it learns carbon pigment: the same model and data as the demo run (scripts/demo_config.json,
-# simulated lung and heart, training seeds >= 1000), started from the demo weights
-# (--init-from), with half of the crops centred on pigment found in the target H&E and the
+# it learns carbon pigment and real tissue: the same model as the demo run
+# (scripts/demo_config.json), on simulated lung and heart pairs and on crops of the training
+# parts of the real H&E images installed (SIMULATE, default lung,heart,real; training seeds
+# >= 1000; `scripts/setup.sh --dev` installs the images), started from INIT_FROM (default the
+# demo weights), with half of the crops centred on pigment found in the target H&E and the
 # target's pigment pixels weighted 1 + 4 in the loss. Every validation (every 500 steps)
 # writes pigment precision / recall / F1 on 8 held-out lung crops (seeds 110-117) to
 # $OUT/log.csv beside the validation SSIM.
@@ -23,15 +25,18 @@ PYTHON="${PYTHON:-python}"
 INIT_FROM="${INIT_FROM:-src/napari_vstain/models/demo.safetensors}"
 PIGMENT_CROP_FRACTION="${PIGMENT_CROP_FRACTION:-0.5}"
 PIGMENT_LOSS_WEIGHT="${PIGMENT_LOSS_WEIGHT:-4}"
+SIMULATE="${SIMULATE:-lung,heart,real}"
+LR="${LR:-1e-4}"
 export OMP_NUM_THREADS=1
 RESUME=()
 if [ -f "$OUT/checkpoint.safetensors" ]; then
     RESUME=(--resume)
     echo "Resuming the run in $OUT from its checkpoint." >&2
 fi
-# A fine-tuning learning rate (half the demo run's) and another crop seed than the demo run.
+# A fine-tuning learning rate (a quarter of the demo run's) and another crop seed than the
+# demo run.
 exec "$PYTHON" -m napari_vstain.train --config scripts/demo_config.json --out "$OUT" \
-    --init-from "$INIT_FROM" --lr 2e-4 --seed 1 \
+    --simulate "$SIMULATE" --init-from "$INIT_FROM" --lr "$LR" --seed 1 \
     --pigment-crop-fraction "$PIGMENT_CROP_FRACTION" \
     --pigment-loss-weight "$PIGMENT_LOSS_WEIGHT" \
     --max-minutes "$MAX_MINUTES" --threads 1 "${RESUME[@]}" "$@"

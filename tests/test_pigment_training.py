@@ -168,6 +168,11 @@ def test_init_from_starts_a_new_run_from_the_checkpoint_weights(tmp_path):
     extra = load_model(second).extra
     assert extra["training_steps"] == 2
     assert extra["init_from_hash"] == load_model(first).content_hash
+    # its total training time counts the model it started from, also after resuming
+    first_extra = load_model(first).extra
+    assert first_extra["training_time_total_s"] == first_extra["training_time_s"]
+    assert extra["training_time_total_s"] == pytest.approx(
+        first_extra["training_time_s"] + extra["training_time_s"], abs=0.11)
 
 
 def test_a_run_from_trained_weights_keeps_the_full_ema_decay_from_the_start():

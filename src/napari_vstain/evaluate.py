@@ -53,7 +53,8 @@ def configure_cli(parser) -> None:
     source.add_argument("--data", metavar="DIR", help="folder of held-out <name>_af / <name>_he "
                         "pairs (e.g. from `vstain simulate`, or registered real pairs)")
     source.add_argument("--simulate", metavar="TISSUES", help="simulate held-out pairs of these "
-                        "tissues, e.g. lung,heart")
+                        "tissues, e.g. lung,heart,real (real: crops of the held-out parts of "
+                        "the real H&E images installed, AF simulated)")
     data.add_argument("--allow-outside-paths", action="store_true", help="read manifest.json "
                       "entries of the --data folder that name files outside it (absolute "
                       "paths, ../); only for manifests you trust")

@@ -27,7 +27,9 @@ runs; otherwise on the validation crops). --init-from CHECKPOINT starts a new ru
 trained model's weights (same model settings), e.g. to continue training the demo model.
 
 Simulated data: `--simulate lung,heart` trains on a pool of simulated pairs whose seeds start
-at TRAIN_SEED_START (1000); seeds below it are held out. The validation crops use seeds
+at TRAIN_SEED_START (1000); seeds below it are held out. `real` adds crops of the installed
+real H&E images with simulated AF (data.from_he.real_pair): training seeds crop each image's
+training part, held-out seeds its held-out last quarter. The validation crops use seeds
 VALIDATION_SEEDS and `vstain demo` uses DEMO_SEED, so no held-out image is ever trained on.
 
 Several processes: `torchrun --nproc_per_node N -m napari_vstain.cli train ...` trains with
@@ -72,8 +74,9 @@ def configure_cli(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--data", metavar="DIR", help="folder of paired <name>_af / <name>_he "
                         "images (as written by `vstain simulate` or `vstain register`)")
     source.add_argument("--simulate", metavar="TISSUES", help="train on simulated pairs of "
-                        f"these tissues, e.g. lung,heart (seeds >= {TRAIN_SEED_START}; lower "
-                        "seeds are held out)")
+                        f"these tissues, e.g. lung,heart,real (seeds >= {TRAIN_SEED_START}; lower "
+                        "seeds are held out; real: crops of the training parts of the real "
+                        "H&E images installed, AF simulated)")
     data.add_argument("--simulate-count", type=int, help="simulated pairs per tissue "
                       f"(default {settings.simulate_count})")
     data.add_argument("--simulate-size", type=int, help="H&E size of simulated pairs in px "

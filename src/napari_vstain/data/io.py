@@ -126,6 +126,7 @@ def read_rgb(path, min_size: int = MIN_IMAGE_SIZE) -> RGBImage:
     """
     path = existing_file(path, "brightfield image")
     name = f"Brightfield image {path.name}"
+    channel_stack = False  # channels stored as planes, not as samples of a pixel
     if not _is_tiff(path):  # PNG, JPEG, BMP...: decided by content, not by the file name
         (array, pixel_size), axes = _read_with_pillow(path), "YXS"
         if array.ndim == 2:
@@ -136,12 +137,20 @@ def read_rgb(path, min_size: int = MIN_IMAGE_SIZE) -> RGBImage:
         # Samples per pixel (S) is TIFF structure, reliable even without OME / ImageJ metadata.
         has_axes = contents.has_axes_metadata or "S" in contents.axes
         axes = contents.axes if has_axes else None
+        channel_stack = "S" not in contents.axes and (
+            contents.has_axes_metadata or contents.axes.startswith("I"))
     array = _numeric_array(array, name)
     cyx = _to_channels_first(array, axes, name, 3, min_size)
     channels = cyx.shape[0]
     if channels == 1:
         raise InputError(f"{name} is greyscale (one channel); napari-vstain needs a colour "
                          "(RGB) brightfield image such as an H&E scan.")
+    if channels == 4 and channel_stack:
+        # RGBA is stored as samples of one pixel; 4 channels as planes (an OME / ImageJ C axis,
+        # one page per channel) are a fluorescence stack such as an AF image.
+        raise InputError(f"{name} holds 4 fluorescence channels (a channel stack such as an "
+                         "AF image), not an RGB brightfield image; open it as the AF input, "
+                         "or pass an RGB H&E image.")
     if channels == 4:
         cyx = cyx[:3]  # RGBA: the alpha channel carries no stain information
     elif channels != 3:

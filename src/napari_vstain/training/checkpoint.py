@@ -49,9 +49,11 @@ def load_optimizer(optimizer, tensors: dict, info: dict) -> None:
 
 def write_training_checkpoint(path: Path, model, ema_model, optimizer, step: int,
                               elapsed_s: float, rank_states: list, log_rows: list,
-                              config: dict, init_from_hash: Optional[str] = None) -> None:
-    """Write the training checkpoint; `init_from_hash`: the content hash of the model the
-    run started from (--init-from), kept so that a resumed run still records it."""
+                              config: dict, init_from_hash: Optional[str] = None,
+                              init_from_time_s: Optional[float] = None) -> None:
+    """Write the training checkpoint; `init_from_hash` and `init_from_time_s`: the content
+    hash and the training time of the model the run started from (--init-from), kept so
+    that a resumed run still records them."""
     import torch
     from safetensors.torch import save_file
 
@@ -69,7 +71,8 @@ def write_training_checkpoint(path: Path, model, ema_model, optimizer, step: int
     info = {"step": step, "elapsed_s": elapsed_s, "world_size": len(rank_states),
             "optimizer": optim_info,
             "sampler_states": [s["sampler"] for s in rank_states],
-            "log": log_rows, "config": config, "init_from_hash": init_from_hash}
+            "log": log_rows, "config": config, "init_from_hash": init_from_hash,
+            "init_from_time_s": init_from_time_s}
     metadata = {"format": TRAINING_FORMAT, "training_state": json.dumps(info)}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata),
                  overwrite=True)

@@ -94,10 +94,11 @@ def _restore(checkpoint_path: Path, tensors: dict, state: dict, rank: int, model
                               "folder.") from None
 
 
-def read_initial_weights(path, model_config) -> tuple[dict, str]:
-    """(state dict, content hash) of the model checkpoint that a new run starts from
-    (--init-from): a napari-vstain model (safetensors, checked as for loading; never
-    pickle) whose model settings equal the run's, apart from its description."""
+def read_initial_weights(path, model_config) -> tuple[dict, str, Optional[float]]:
+    """(state dict, content hash, training time in seconds) of the model checkpoint that a
+    new run starts from (--init-from): a napari-vstain model (safetensors, checked as for
+    loading; never pickle) whose model settings equal the run's, apart from its description.
+    The time counts the models it was itself continued from, where it records them."""
     from ..engine.checkpoint import read_checkpoint
     from ..engine.model import ModelConfig
 
@@ -120,7 +121,13 @@ def read_initial_weights(path, model_config) -> tuple[dict, str]:
         raise ValueError(f"{flag} {path} holds a model with other settings than this run: "
                          f"{listing}. Give the run the checkpoint's model settings (the "
                          "config it was trained with), or start without --init-from.")
-    return state, metadata["content_hash"]
+    try:
+        extra = json.loads(metadata.get("extra", "{}"))
+        seconds = extra.get("training_time_total_s", extra.get("training_time_s"))
+        seconds = float(seconds) if seconds is not None else None
+    except (TypeError, ValueError):
+        seconds = None  # a model without a usable record: its time is unknown
+    return state, metadata["content_hash"], seconds
 
 
 def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progress: bool,
@@ -172,12 +179,13 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr,
                                   weight_decay=settings.weight_decay)
     step, elapsed_before, log_rows = 0, 0.0, []
-    init_from_hash = initial[1] if initial is not None else None
+    init_from_hash, init_from_time_s = initial[1:] if initial is not None else (None, None)
     if resume:
         _restore(checkpoint_path, tensors, saved_state, dist_info.rank, model, ema_model,
                  optimizer, loss_generator, sampler)
         step = saved_state["step"]
         init_from_hash = saved_state.get("init_from_hash")
+        init_from_time_s = saved_state.get("init_from_time_s")
         elapsed_before, log_rows = saved_state["elapsed_s"], saved_state["log"]
     if dist_info.is_main and not (resume and (out / CONFIG_FILE).exists()):
         # a new run; one that stopped before its first checkpoint, started again (its config
@@ -221,7 +229,7 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
         if dist_info.is_main:
             write_training_checkpoint(checkpoint_path, model, ema_model, optimizer, step,
                                       elapsed_before + time.time() - start, states, log_rows,
-                                      config, init_from_hash)
+                                      config, init_from_hash, init_from_time_s)
             write_log(out, log_rows)
             plot_loss(out, log_rows)
 
@@ -288,6 +296,10 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
                  "final_loss": final_loss, "data": data_description,
                  "training": dataclasses.asdict(settings),
                  "init_from_hash": init_from_hash,
+                 # this run and the models it continued (when they record their time)
+                 "training_time_total_s": (round(total_s + init_from_time_s, 1)
+                                           if init_from_time_s is not None else
+                                           None if init_from_hash else round(total_s, 1)),
                  "stopped_by_time_limit": stopped_by_time}
         final = out / MODEL_FILE
         save_model(ema_model, final, extra=extra, overwrite=True)

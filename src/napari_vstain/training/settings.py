@@ -19,11 +19,12 @@ from ..threads import MAX_THREADS, MIN_THREADS
 
 # Seeds of simulated images: training pools use seeds >= TRAIN_SEED_START; the rest are held out.
 TRAIN_SEED_START = 1000
-VALIDATION_SEEDS = {"lung": 101, "heart": 102}
+VALIDATION_SEEDS = {"lung": 101, "heart": 102, "real": 103}
 # held-out lung pairs whose pigment every validation scores (training.pigment)
 PIGMENT_VALIDATION_SEEDS = tuple(range(110, 118))
 DEMO_SEED = 7  # the held-out lung sample of `vstain demo`
-SIMULATED_TISSUES = ("lung", "heart")
+# "real": crops of the real H&E images installed, AF simulated from them (data.from_he)
+SIMULATED_TISSUES = ("lung", "heart", "real")
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.safetensors"
