@@ -209,3 +209,14 @@ def test_pigment_flags_out_of_range_are_refused_by_name(tmp_path, flag, value, p
     error = capsys.readouterr().err
     assert flag in error and problem in error
     assert not (tmp_path / "run").exists()
+
+
+def test_a_continued_model_without_a_time_record_has_an_unknown_total():
+    """The shipped model continued other models before totals were recorded: a run from it
+    must not count only its last run's time as the whole (the report then says unknown)."""
+    from napari_vstain.engine.checkpoint import default_checkpoint
+    from napari_vstain.training.loop import read_initial_weights
+
+    shipped = load_model(default_checkpoint())
+    assert shipped.extra["init_from_hash"] and shipped.extra.get("training_time_total_s") is None
+    assert read_initial_weights(default_checkpoint(), shipped.config)[2] is None

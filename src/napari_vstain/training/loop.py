@@ -123,7 +123,9 @@ def read_initial_weights(path, model_config) -> tuple[dict, str, Optional[float]
                          "config it was trained with), or start without --init-from.")
     try:
         extra = json.loads(metadata.get("extra", "{}"))
-        seconds = extra.get("training_time_total_s", extra.get("training_time_s"))
+        seconds = extra.get("training_time_total_s",
+                            # a model that continued another without recording it: unknown
+                            None if extra.get("init_from_hash") else extra.get("training_time_s"))
         seconds = float(seconds) if seconds is not None else None
     except (TypeError, ValueError):
         seconds = None  # a model without a usable record: its time is unknown
