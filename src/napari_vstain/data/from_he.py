@@ -347,6 +347,26 @@ def real_he_images_at_model_scale() -> tuple:
     return tuple(images)
 
 
+def _tissue_rich_crop(image: np.ndarray, canvas: int, glass: np.ndarray, rng) -> tuple:
+    """(y, x) of a random canvas x canvas crop of `image` with at least MIN_TISSUE_FRACTION
+    tissue (pixels that absorb against the image's own `glass`: some scans have grey glass),
+    or the one with the most tissue of CROP_TRIES draws."""
+    from ..metrics import TISSUE_MAX_OD
+
+    best = None
+    for _ in range(CROP_TRIES):
+        y = int(rng.integers(0, image.shape[0] - canvas + 1))
+        x = int(rng.integers(0, image.shape[1] - canvas + 1))
+        crop = image[y: y + canvas, x: x + canvas].astype(np.float32)
+        od = -np.log(np.clip((crop + 1) / (glass + 1), 1e-3, None))
+        tissue = float((od.max(axis=-1) > TISSUE_MAX_OD).mean())
+        if best is None or tissue > best[0]:
+            best = (tissue, y, x)
+        if tissue >= MIN_TISSUE_FRACTION:
+            break
+    return best[1:]
+
+
 def real_pair(size: int, factor: int, seed: int, held_out: bool) -> SimulatedPair:
     """A pair cut from one of the real H&E images installed, at the model's pixel size
     (`real_he_images_at_model_scale`; the seed picks the image and the crop) inside its
@@ -354,7 +374,6 @@ def real_pair(size: int, factor: int, seed: int, held_out: bool) -> SimulatedPai
     allows; the AF is simulated from the crop. A crop whose AF the registration cannot match
     to its H&E (too little structure, as in some dense dermis) is redrawn: training and
     evaluation register every pair, as `vstain register` would, and could not use it."""
-    from ..metrics import TISSUE_MAX_OD
     from .register import register
 
     sources = real_he_images_at_model_scale()
@@ -371,21 +390,9 @@ def real_pair(size: int, factor: int, seed: int, held_out: bool) -> SimulatedPai
     if part.shape[0] < canvas or part.shape[1] < canvas:
         raise ValueError(f"Size {size} is too large for the {which} part {part.shape[:2]} of "
                          f"the real image {name}; use a smaller size.")
-    # Tissue: absorbs against this image's own glass (some scans have grey glass).
     glass = white_level(part)
     for _ in range(CROP_TRIES):
-        best = None
-        for _ in range(CROP_TRIES):
-            y = int(rng.integers(0, part.shape[0] - canvas + 1))
-            x = int(rng.integers(0, part.shape[1] - canvas + 1))
-            crop = part[y: y + canvas, x: x + canvas].astype(np.float32)
-            od = -np.log(np.clip((crop + 1) / (glass + 1), 1e-3, None))
-            tissue = float((od.max(axis=-1) > TISSUE_MAX_OD).mean())
-            if best is None or tissue > best[0]:
-                best = (tissue, y, x)
-            if tissue >= MIN_TISSUE_FRACTION:
-                break
-        _, y, x = best
+        y, x = _tissue_rich_crop(part, canvas, glass, rng)
         y0, x0 = y + rows.start, x + cols.start
         pair = simulate_from_he(rgb[y0: y0 + canvas, x0: x0 + canvas], factor,
                                 int(rng.integers(2 ** 63 - 1)), pixel_um,

@@ -106,21 +106,35 @@ def random_crop(pair: TrainingPair, crop: int, rng: np.random.Generator,
     A crop whose mean H&E intensity is >= `threshold` is drawn again, up to `retries` times;
     if every try is background the last one is kept (a slide of mostly glass still trains).
     """
-    k = pair.factor
-    small = crop // k
+    small = af_crop_side(pair, crop)
+    _, h, w = pair.af.shape
+    for _attempt in range(retries + 1):
+        i = int(rng.integers(0, h - small + 1))
+        j = int(rng.integers(0, w - small + 1))
+        af, he = aligned_crop(pair, crop, i, j)
+        if he.mean() < threshold:
+            break
+    return af, he
+
+
+def af_crop_side(pair: TrainingPair, crop: int) -> int:
+    """The AF side (crop / k) of an H&E crop of `crop` px; refuses a crop larger than the
+    pair."""
+    small = crop // pair.factor
     _, h, w = pair.af.shape
     if small > h or small > w:
         raise ValueError(f"The crop of {crop} px (AF {small} px) is larger than "
                          f"{pair.name or 'a training image'} (AF {h} x {w} px): use a smaller "
                          "--crop or larger images.")
-    for _attempt in range(retries + 1):
-        i = int(rng.integers(0, h - small + 1))
-        j = int(rng.integers(0, w - small + 1))
-        he = pair.he[k * i: k * i + crop, k * j: k * j + crop]
-        if he.mean() < threshold:
-            break
-    af = pair.af[:, i: i + small, j: j + small]
-    return af, np.moveaxis(he, -1, 0)
+    return small
+
+
+def aligned_crop(pair: TrainingPair, crop: int, i: int, j: int) -> tuple:
+    """The crop whose AF corner is (i, j): (af (C, crop/k, crop/k), he (3, crop, crop))."""
+    k = pair.factor
+    small = crop // k
+    he = pair.he[k * i: k * i + crop, k * j: k * j + crop]
+    return pair.af[:, i: i + small, j: j + small], np.moveaxis(he, -1, 0)
 
 
 class PatchSampler:

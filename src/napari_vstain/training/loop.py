@@ -299,9 +299,9 @@ def _train(model_config, settings: TrainSettings, out: Path, resume: bool, progr
                  "training": dataclasses.asdict(settings),
                  "init_from_hash": init_from_hash,
                  # this run and the models it continued (when they record their time)
-                 "training_time_total_s": (round(total_s + init_from_time_s, 1)
-                                           if init_from_time_s is not None else
-                                           None if init_from_hash else round(total_s, 1)),
+                 "training_time_total_s": (
+                     None if init_from_hash and init_from_time_s is None
+                     else round(total_s + (init_from_time_s or 0.0), 1)),
                  "stopped_by_time_limit": stopped_by_time}
         final = out / MODEL_FILE
         save_model(ema_model, final, extra=extra, overwrite=True)

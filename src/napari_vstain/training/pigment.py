@@ -11,7 +11,7 @@ import warnings
 
 import numpy as np
 
-from ..data.patches import PatchSampler, TrainingPair
+from ..data.patches import PatchSampler, TrainingPair, af_crop_side, aligned_crop
 from .settings import PIGMENT_VALIDATION_SEEDS, TrainSettings
 
 
@@ -28,16 +28,11 @@ def crop_around(pair: TrainingPair, crop: int, y: int, x: int) -> tuple[np.ndarr
     so the pixel lies within k / 2 px of the centre, or nearer the border of the crop when it
     is near the border of the image."""
     k = pair.factor
-    small = crop // k
+    small = af_crop_side(pair, crop)
     _, h, w = pair.af.shape
-    if small > h or small > w:
-        raise ValueError(f"The crop of {crop} px (AF {small} px) is larger than "
-                         f"{pair.name or 'a training image'} (AF {h} x {w} px): use a smaller "
-                         "--crop or larger images.")
     i = min(max(int(round((y - crop / 2) / k)), 0), h - small)
     j = min(max(int(round((x - crop / 2) / k)), 0), w - small)
-    he = pair.he[k * i: k * i + crop, k * j: k * j + crop]
-    return pair.af[:, i: i + small, j: j + small], np.moveaxis(he, -1, 0)
+    return aligned_crop(pair, crop, i, j)
 
 
 class PigmentPatchSampler(PatchSampler):
